@@ -30,7 +30,7 @@ import math
 import os
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +165,7 @@ class SequenceRecord:
 
 
 def _get(d: Mapping, key: str, where: str, field_name: str, *, required: bool = True) -> Any:
-    if not isinstance(d, Mapping):
+    if not isinstance(d, dict):
         raise DataError(f"{where}: {field_name.rsplit('.', 1)[0]} is {type(d).__name__}; expected an object")
     if key not in d:
         if required:
@@ -205,29 +205,44 @@ def _as_array(v: Any, shapes: Sequence[tuple[int, ...]], where: str, field_name:
     return a
 
 
+def _is_number(x: Any) -> bool:
+    t = type(x)
+    return (t is float or t is int) and math.isfinite(x)
+
+
+def _vector(v: Any, n: int) -> bool:
+    return type(v) is list and len(v) == n and all(map(_is_number, v))
+
+
 def _parse_viewpoint(vp: Any, where: str) -> dict | None:
     if vp is None:
         return None
-    if not isinstance(vp, Mapping):
+    if not isinstance(vp, dict):
         raise DataError(f"{where}: viewpoint is {type(vp).__name__}; expected an object or null")
     fmt = vp.get("intrinsics_format", "ndc_norm_image_bounds")  # CO3D v1 files omit it; v1's default applies
     if fmt not in INTRINSICS_FORMATS:
         raise DataError(f"{where}: viewpoint.intrinsics_format is {fmt!r}; expected 'ndc_isotropic' or "
                         "'ndc_norm_image_bounds'")
-    R = _as_array(_get(vp, "R", where, "viewpoint.R"), [(3, 3)], where, "viewpoint.R")
-    T = _as_array(_get(vp, "T", where, "viewpoint.T"), [(3,)], where, "viewpoint.T")
-    f = _as_array(_get(vp, "focal_length", where, "viewpoint.focal_length"), [(2,), (1,), ()], where,
-                  "viewpoint.focal_length")
-    p = _as_array(_get(vp, "principal_point", where, "viewpoint.principal_point"), [(2,)], where,
-                  "viewpoint.principal_point")
-    f = np.broadcast_to(f.reshape(-1), (2,))
-    return {"R": R.tolist(), "T": T.tolist(), "focal_length": f.tolist(), "principal_point": p.tolist(),
-            "intrinsics_format": fmt}
+    R = _get(vp, "R", where, "viewpoint.R")
+    T = _get(vp, "T", where, "viewpoint.T")
+    f = _get(vp, "focal_length", where, "viewpoint.focal_length")
+    p = _get(vp, "principal_point", where, "viewpoint.principal_point")
+    # Pure-Python checks first: a category holds up to ~100k frames, and numpy per field costs ~50 us each.
+    if not (type(R) is list and len(R) == 3 and all(_vector(r, 3) for r in R)):
+        R = _as_array(R, [(3, 3)], where, "viewpoint.R").tolist()
+    if not _vector(T, 3):
+        T = _as_array(T, [(3,)], where, "viewpoint.T").tolist()
+    if not _vector(f, 2):
+        f = np.broadcast_to(_as_array(f, [(2,), (1,), ()], where, "viewpoint.focal_length").reshape(-1),
+                            (2,)).tolist()
+    if not _vector(p, 2):
+        p = _as_array(p, [(2,)], where, "viewpoint.principal_point").tolist()
+    return {"R": R, "T": T, "focal_length": f, "principal_point": p, "intrinsics_format": fmt}
 
 
 def _parse_frame(d: Any, category: str, i: int) -> FrameRecord:
     ann = f"{category}/{FRAME_ANNOTATIONS}"
-    if not isinstance(d, Mapping):
+    if not isinstance(d, dict):
         raise DataError(f"{ann}: entry {i} is {type(d).__name__}; expected an object")
     where0 = f"{ann}: entry {i}"
     seq = _as_str(_get(d, "sequence_name", where0, "sequence_name"), where0, "sequence_name")
@@ -262,7 +277,7 @@ def _parse_frame(d: Any, category: str, i: int) -> FrameRecord:
 
     viewpoint = _parse_viewpoint(d.get("viewpoint"), where)
     meta = d.get("meta")
-    frame_type = meta.get("frame_type") if isinstance(meta, Mapping) else None
+    frame_type = meta.get("frame_type") if isinstance(meta, dict) else None
     if frame_type is not None and not isinstance(frame_type, str):
         raise DataError(f"{where}: meta.frame_type is {frame_type!r}; expected a string like 'train_known'")
     ts = d.get("frame_timestamp")
@@ -296,7 +311,7 @@ def load_sequence_annotations(root: str | os.PathLike, category: str) -> dict[st
     out: dict[str, SequenceRecord] = {}
     for i, d in enumerate(raw):
         where0 = f"{rel}: entry {i}"
-        if not isinstance(d, Mapping):
+        if not isinstance(d, dict):
             raise DataError(f"{where0} is {type(d).__name__}; expected an object")
         name = _as_str(_get(d, "sequence_name", where0, "sequence_name"), where0, "sequence_name")
         where = f"{rel}: sequence {name!r}"
@@ -339,7 +354,7 @@ def load_set_list(root: str | os.PathLike, category: str, subset: str) -> dict[s
         raise DataError(f"{rel}: file is missing; subset {subset!r} of category {category!r} is not in this "
                         f"dataset (available: {', '.join(have) or 'none'})")
     raw = _read_json(root, rel)
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, dict):
         raise DataError(f"{rel}: top level is {type(raw).__name__}; expected an object with train, val and test")
     return {k: _parse_triplets(v, rel, k) for k, v in raw.items() if k in SPLITS}
 
@@ -359,7 +374,7 @@ def read_category_to_subset(root: str | os.PathLike) -> dict[str, list[str]]:
     if not (root / CATEGORY_TO_SUBSET).is_file():
         return {}
     raw = _read_json(root, CATEGORY_TO_SUBSET)
-    if not isinstance(raw, Mapping) or not all(isinstance(v, list) for v in raw.values()):
+    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
         raise DataError(f"{CATEGORY_TO_SUBSET}: expected an object mapping each category to a list of subset names")
     return {str(k): [str(s) for s in v] for k, v in raw.items()}
 
@@ -668,8 +683,9 @@ class Co3dDataset:
             frame type count as train).
         split: ``"train"``, ``"val"``, ``"test"`` or None (every frame of the subset, or of the category).
         image_size: side of the square output images in pixels; None keeps the crop's own resolution.
-        crop: crop a square box around the mask (see :func:`mask_crop_box`); frames whose mask has nothing above
-            ``mask_threshold`` fall back to the whole image. Without ``crop`` the whole image is padded to a square.
+        crop: crop a square box around the mask (see :func:`mask_crop_box`); frames without a mask, or whose mask
+            has nothing above ``mask_threshold``, fall back to the whole image padded to a square. Without ``crop``
+            the whole image is padded to a square (or kept as it is when ``image_size`` is None too).
             Where the box leaves the image, images are padded with white and masks / depths with 0 (the box is not
             clamped, so the object stays centred and the scale uniform).
         context: extra margin of the crop, as a fraction of the mask's longer side.
@@ -818,7 +834,7 @@ class Co3dDataset:
             raise DataError(f"{rec.where}: viewpoint: {e}") from None
 
         box = None
-        if self.crop:
+        if self.crop and rec.mask_path is not None:
             box = mask_crop_box(mask8, self.mask_threshold * 255.0, self.context)
         if box is None:
             box = _full_square_box(h, w) if (self.crop or self.image_size is not None) else (0, 0, w, h)
@@ -826,10 +842,12 @@ class Co3dDataset:
 
         rgb = _resize(_crop_pad(rgb, box, 255), out_hw, Image.Resampling.BILINEAR)
         mask8 = _resize(_crop_pad(mask8, box, 0), out_hw, Image.Resampling.BILINEAR)
-        image = torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
-        mask = torch.from_numpy(mask8.astype(np.float32) / 255.0)[None]
+        # numpy, not torch: per-frame tensors are small and torch's threaded ops cost more than they save here
+        image = rgb.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)
+        mask = mask8[None].astype(np.float32) * np.float32(1 / 255)
         if self.mask_images:
             image = image * mask + (1.0 - mask)
+        image, mask = torch.from_numpy(image), torch.from_numpy(mask)
 
         depth = depth_mask = None
         if self.load_depth and rec.depth_path is not None:
@@ -861,7 +879,7 @@ class Co3dDataset:
             dmask = depth > 0
         depth = _resize(_crop_pad(depth, dbox, 0.0), out_hw, Image.Resampling.NEAREST)
         dmask = _resize(_crop_pad(dmask.astype(np.uint8) * 255, dbox, 0), out_hw, Image.Resampling.NEAREST)
-        return (torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))[None],
+        return (torch.from_numpy(np.array(depth, dtype=np.float32))[None],
                 torch.from_numpy((dmask > 127).astype(np.float32))[None])
 
     def load_views(self, category: str, sequence_name: str, frame_numbers: Sequence[int]) -> Views:
