@@ -154,12 +154,22 @@ def synthesize(categories: str | list[str], sequences: int, views: int, size: in
 
 
 class _InlinePool:
-    """The pool interface, run in this process (one worker: no start-up cost)."""
+    """The pool interface, run in this process (one worker: no start-up cost).
+
+    The tracer is fastest on one thread (its tensors are small); the caller's thread count is restored on exit.
+    """
 
     def __enter__(self):
+        import torch
+
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         return self
 
     def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self._threads)
         return False
 
     @staticmethod
