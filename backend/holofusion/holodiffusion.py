@@ -1,0 +1,276 @@
+"""HoloDiffusion (Karnewar et al., CVPR 2023): a diffusion model over feature voxel grids learned from posed images.
+
+Parts: an ``Encoder`` unprojects source views into a grid, a ``Decoder`` + ray marcher renders grids, and a 3D U-Net
+denoises grids. The diffusion runs in a *normalised latent space*: the encoder's grid minus a per-channel mean, over a
+per-channel spread, both measured on encoder grids of the training data. The denoiser's output is tied to that space
+by the latent loss (the CPU trials saw the denoiser's outputs drift to 2.75x the encoder's spread without it).
+
+Training objectives (see ``train.py`` for the schedule of phases):
+- ``autoencoder_loss``: render the encoder's own grid at held-out target views (the photometric warm-up that makes
+  the latent space carry colour and shape);
+- ``latent_loss``: v-prediction MSE on cached, normalised encoder grids (Salimans & Ho 2022), with the category
+  dropped at random for classifier-free guidance;
+- ``bootstrap_loss``: the paper's bootstrapped latent diffusion (sec. 3.3): noise the encoded grid to t and denoise it;
+  with probability 0.5 noise that result again at t' and denoise once more; render the final grid at target views;
+  photometric loss only, gradients through both passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cameras import PerspectiveCamera
+from .diffusion import NoiseSchedule, StepCallback, per_object_noise, sample
+from .grid import VoxelGrid
+from .nets.decoder import Decoder, DecoderConfig
+from .nets.encoder import Encoder, EncoderConfig
+from .nets.unet3d import UNet3D, UNet3DConfig
+from .render import RenderConfig, RenderOutput, render_grid
+
+__all__ = ["HoloDiffusionConfig", "HoloDiffusion", "Targets"]
+
+
+@dataclass
+class HoloDiffusionConfig:
+    """Everything needed to rebuild a HoloDiffusion model (stored in the weights file's metadata)."""
+
+    categories: list[str] = field(default_factory=list)
+    """Categories the model was trained on; more than one enables category conditioning."""
+    grid_size: int = 16
+    """S: the coarse grid has S^3 cells."""
+    box_half_size: float = 4.0
+    """The grid covers [-h, h]^3 in world units (HoloDiffusion: 4 for CO3D's unit-spread worlds)."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    unet: UNet3DConfig = field(default_factory=UNet3DConfig)
+    render: RenderConfig = field(default_factory=lambda: RenderConfig(n_coarse=32, n_fine=16))
+    schedule_steps: int = 1000
+    """T, the number of diffusion steps."""
+    schedule: str = "cosine"
+    """Noise schedule: "cosine" or "linear"."""
+    cfg_drop: float = 0.1
+    """Probability of dropping the category during training (classifier-free guidance)."""
+    seed: int = 0
+    """Seed of the initial weights."""
+
+    def __post_init__(self) -> None:
+        self.categories = list(self.categories)
+        c = self.encoder.channels
+        if self.decoder.n_features_in != c:
+            raise ValueError(f"decoder.n_features_in ({self.decoder.n_features_in}) must equal encoder.channels ({c})")
+        if self.unet.in_channels != c or self.unet.grid_size != self.grid_size:
+            raise ValueError(f"unet in_channels/grid_size ({self.unet.in_channels}, {self.unet.grid_size}) must "
+                             f"equal encoder.channels and grid_size ({c}, {self.grid_size})")
+        if self.unet.num_classes not in (0, len(self.categories)):
+            raise ValueError(f"unet.num_classes ({self.unet.num_classes}) must be 0 or the number of categories "
+                             f"({len(self.categories)})")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> HoloDiffusionConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        v = dict(values)
+        for name, sub in (("encoder", EncoderConfig), ("decoder", DecoderConfig), ("unet", UNet3DConfig),
+                          ("render", RenderConfig)):
+            if isinstance(v.get(name), dict):
+                v[name] = sub.from_dict(v[name])
+        return cls(**v)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("encoder", "decoder", "unet", "render"):
+            d[name] = d[name].to_dict()
+        d["render"]["background"] = list(d["render"]["background"])
+        return d
+
+
+@dataclass
+class Targets:
+    """Held-out target views for a photometric loss: B scenes x M views, R rays each.
+
+    xy (B*M, R, 2) pixel coordinates, rgb (B*M, R, 3) and mask (B*M, R) at those pixels, cameras of B*M views.
+    """
+
+    cameras: PerspectiveCamera
+    xy: Tensor
+    rgb: Tensor
+    mask: Tensor
+
+
+class HoloDiffusion(nn.Module):
+    """The HoloDiffusion model: encoder, decoder (+ renderer settings) and denoiser, with the latent normalisation."""
+
+    def __init__(self, config: HoloDiffusionConfig):
+        super().__init__()
+        self.config = config
+        c = config.encoder.channels
+        # Weights are drawn from a private RNG stream so building a model never disturbs the caller's RNG and the
+        # same config always gives the same initial weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.encoder = Encoder(config.encoder)
+            self.unet = UNet3D(config.unet)
+        self.decoder = Decoder(config.decoder, generator=torch.Generator().manual_seed(config.seed + 1))
+        self.register_buffer("latent_mean", torch.zeros(c))
+        self.register_buffer("latent_std", torch.ones(c))
+        self.schedule = NoiseSchedule(config.schedule_steps, config.schedule)
+
+    # ------------------------------------------------------------------ grids
+    @property
+    def device(self) -> torch.device:
+        return self.latent_mean.device
+
+    def cell_centers(self) -> Tensor:
+        return self.to_grid(torch.zeros(1, 1, *(self.config.grid_size,) * 3, device=self.device)).cell_centers()
+
+    def to_grid(self, features: Tensor) -> VoxelGrid:
+        h = self.config.box_half_size
+        return VoxelGrid(features, (-h, -h, -h), (h, h, h))
+
+    def normalize(self, z: Tensor) -> Tensor:
+        """Encoder grid (B, C, S, S, S) -> latent x (about zero mean, unit spread per channel)."""
+        return (z - self.latent_mean.view(1, -1, 1, 1, 1)) / self.latent_std.view(1, -1, 1, 1, 1)
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        return x * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
+
+    def encode(self, images: Tensor, cameras: PerspectiveCamera) -> Tensor:
+        """(B, V, 3, H, W) images on white + B*V cameras -> encoder grid z (B, C, S, S, S) (not normalised)."""
+        return self.encoder(images, cameras, self.cell_centers(), self.config.grid_size)
+
+    def render(self, z: Tensor, cameras: PerspectiveCamera, xy: Tensor | None = None,
+               generator: torch.Generator | None = None, config: RenderConfig | None = None) -> RenderOutput:
+        """Renders encoder-space grids z (B, C, S, S, S) from B*V cameras (see ``render_grid``)."""
+        return render_grid(self.to_grid(z), self.decoder, cameras, config or self.config.render, xy, generator)
+
+    def category_index(self, categories: Sequence[str | None] | None, batch: int) -> Tensor | None:
+        """Category names -> (B,) indices; None entries (or an unconditional model) -> the "no category" token."""
+        if self.config.unet.num_classes == 0:
+            return None
+        null = self.config.unet.num_classes
+        names = list(categories) if categories is not None else [None] * batch
+        idx = []
+        for name in names:
+            if name is None:
+                idx.append(null)
+            elif name in self.config.categories:
+                idx.append(self.config.categories.index(name))
+            else:
+                raise ValueError(f"category {name!r} is not one this model knows ({', '.join(self.config.categories)})")
+        return torch.tensor(idx, dtype=torch.long, device=self.device)
+
+    # ------------------------------------------------------------------ denoiser (x0 prediction via v)
+    def denoise(self, x_t: Tensor, t: Tensor, category: Tensor | None = None, guidance: float = 1.0) -> Tensor:
+        """The clean latent x0 predicted from x_t at steps t (B,). The U-Net outputs v; x0 = alpha x_t - sigma v.
+
+        ``guidance`` > 1 applies classifier-free guidance (Ho & Salimans 2022) between the category and no category.
+        """
+        v = self.unet(x_t, t, category)
+        if guidance != 1.0 and category is not None:
+            null = torch.full_like(category, self.config.unet.num_classes)
+            v = self.unet(x_t, t, null) + guidance * (v - self.unet(x_t, t, null))
+        return self.schedule.x0_from_v(x_t, t, v)
+
+    # ------------------------------------------------------------------ losses
+    def photometric_loss(self, z: Tensor, targets: Targets, generator: torch.Generator | None,
+                         mask_weight: float = 0.1) -> tuple[Tensor, dict[str, float]]:
+        """RGB error of the coarse and fine renders of z at the target rays, plus a silhouette term."""
+        out = self.render(z, targets.cameras, targets.xy, generator)
+        loss = F.mse_loss(out.coarse.rgb, targets.rgb)
+        stats = {"rgb_coarse": loss.item()}
+        if out.fine is not None:
+            fine = F.mse_loss(out.fine.rgb, targets.rgb)
+            loss = loss + fine
+            stats["rgb_fine"] = fine.item()
+        if mask_weight > 0:
+            m = F.mse_loss(out.final.alpha[..., 0], targets.mask)
+            loss = loss + mask_weight * m
+            stats["mask"] = m.item()
+        return loss, stats
+
+    def autoencoder_loss(self, images: Tensor, cameras: PerspectiveCamera, targets: Targets,
+                         generator: torch.Generator | None, mask_weight: float = 0.1) -> tuple[Tensor, dict]:
+        z = self.encode(images, cameras)
+        return self.photometric_loss(z, targets, generator, mask_weight)
+
+    def latent_loss(self, x0: Tensor, category: Tensor | None, generator: torch.Generator) -> tuple[Tensor, dict]:
+        """v-prediction loss on normalised latents x0 (B, C, S, S, S)."""
+        b = x0.shape[0]
+        t = torch.randint(0, self.schedule.num_steps, (b,), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        category = self._drop_category(category, generator)
+        v = self.unet(x_t, t, category)
+        loss = F.mse_loss(v, self.schedule.v_target(x0, t, noise))
+        return loss, {"v": loss.item()}
+
+    def _drop_category(self, category: Tensor | None, generator: torch.Generator) -> Tensor | None:
+        if category is None or self.config.cfg_drop <= 0:
+            return category
+        drop = torch.rand(category.shape[0], generator=generator).to(category.device) < self.config.cfg_drop
+        return torch.where(drop, torch.full_like(category, self.config.unet.num_classes), category)
+
+    def bootstrap_loss(self, images: Tensor, cameras: PerspectiveCamera, targets: Targets,
+                       category: Tensor | None, generator: torch.Generator, mask_weight: float = 0.1,
+                       bootstrap_prob: float = 0.5, latent_weight: float = 1.0,
+                       force_branch: str | None = None) -> tuple[Tensor, dict]:
+        """The paper's bootstrapped latent diffusion step (HoloDiffusion sec. 3.3), plus (optionally) the latent
+        v-loss on the first pass, which keeps the denoiser's output in the encoder's space.
+
+        ``force_branch``: "single" or "double" picks the branch instead of drawing it (for tests).
+        """
+        x0 = self.normalize(self.encode(images, cameras))
+        b = x0.shape[0]
+        category = self._drop_category(category, generator)
+        t = torch.randint(0, self.schedule.num_steps, (b,), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        v = self.unet(x_t, t, category)
+        x0_hat = self.schedule.x0_from_v(x_t, t, v)
+        double = bool(torch.rand((), generator=generator) < bootstrap_prob)
+        if force_branch is not None:
+            double = force_branch == "double"
+        if double:
+            # Noise the model's own estimate again and denoise once more: the model learns to denoise the kind of
+            # grids it will meet while sampling. Gradients flow through both passes.
+            t2 = torch.randint(0, self.schedule.num_steps, (b,), generator=generator).to(x0.device)
+            noise2 = torch.randn(x0.shape, generator=generator).to(x0.device)
+            x_t2 = self.schedule.q_sample(x0_hat, t2, noise2)
+            x0_hat = self.denoise(x_t2, t2, category)
+        loss, stats = self.photometric_loss(self.denormalize(x0_hat), targets, generator, mask_weight)
+        if latent_weight > 0:
+            lv = F.mse_loss(v, self.schedule.v_target(x0.detach(), t, noise))
+            loss = loss + latent_weight * lv
+            stats["v"] = lv.item()
+        stats["double"] = float(double)
+        return loss, stats
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, seeds: Sequence[int], categories: Sequence[str | None] | str | None = None, steps: int = 25,
+               sampler: str = "dpm++", guidance: float = 1.0, callback: StepCallback | None = None) -> Tensor:
+        """Samples one normalised latent per seed: (len(seeds), C, S, S, S). Object i depends on seeds[i] alone.
+
+        Use ``denormalize`` (or ``render_latent``) to render the result.
+        """
+        n = len(seeds)
+        if isinstance(categories, str) or categories is None:
+            categories = [categories] * n
+        c, s = self.config.encoder.channels, self.config.grid_size
+        gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
+        x = per_object_noise((n, c, s, s, s), gens, self.device)
+        cat = self.category_index(categories, n)
+
+        def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+            return self.denoise(x_t, t, cat, guidance)
+
+        steps = self.schedule.num_steps if sampler == "ancestral" and steps is None else steps
+        return sample(denoise, x, self.schedule, sampler, steps, gens, callback)

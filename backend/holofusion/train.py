@@ -1,0 +1,492 @@
+"""Training HoloDiffusion from posed images: `holofusion train holodiffusion`.
+
+Three phases, by global step (the CPU trials in shared notes showed why: trained as released, photometric-only, the
+model collapsed to one average object within 45 minutes; an autoencoder first, then diffusion in its latent space,
+recovered diversity):
+
+1. ``autoencoder`` (``ae_steps``): encoder + decoder learn to reconstruct held-out target views from the source
+   views' grid (photometric + silhouette loss). The latent space learns to carry shape and colour.
+2. ``latent`` (``latent_steps``): encoder grids of every training object (``cache_subsets`` different source-view
+   subsets each) are cached once and normalised per channel; the 3D U-Net learns v-prediction on them (no rendering:
+   fast steps, large batches), with an EMA of its weights for sampling.
+3. ``bootstrap`` (``bootstrap_steps``): the paper's bootstrapped photometric objective fine-tunes everything jointly.
+
+Every random draw of step k comes from a generator seeded by (seed, k, micro-batch), so a run resumed from a
+checkpoint takes exactly the steps the uninterrupted run would have, and a DDP run (``torchrun``) whose ranks split
+the micro-batches of a step computes the same update as one process doing them all.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm import tqdm
+
+from .cameras import PerspectiveCamera, fly_around_cameras
+from .configs import resolve_config
+from .data.co3d import Co3dDataset
+from .errors import UserError
+from .holodiffusion import HoloDiffusion, HoloDiffusionConfig, Targets
+from .weights import atomic_torch_save, load_torch_state, load_weights, save_weights
+
+__all__ = ["TrainConfig", "Trainer", "train_holodiffusion", "PHASES"]
+
+PHASES = ("autoencoder", "latent", "bootstrap")
+CHECKPOINT = "checkpoint.safetensors"
+TRAIN_STATE = "train_state.pt"
+MODEL = "model.safetensors"
+LATENTS = "latents.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """How HoloDiffusion is trained (see the module docstring for the phases)."""
+
+    image_size: int = 64
+    """Side of the square crops the encoder and the loss see, in pixels."""
+    n_source: int = 8
+    """Source views per object, unprojected by the encoder."""
+    n_target: int = 3
+    """Target views per object, never seen by the encoder; the photometric loss renders them."""
+    rays_per_target: int = 256
+    """Rays rendered per target view."""
+    object_ray_fraction: float = 0.5
+    """Share of each target's rays drawn from the object's mask (the rest uniformly over the image)."""
+    batch_scenes: int = 4
+    """Objects per micro-batch in the photometric phases."""
+    micro_batches: int = 1
+    """Micro-batches per optimizer step (gradient accumulation; DDP ranks split them, so it must divide by the
+    world size)."""
+    latent_batch: int = 32
+    """Latent grids per micro-batch in the latent phase."""
+    ae_steps: int = 3000
+    latent_steps: int = 40000
+    bootstrap_steps: int = 2000
+    lr: float = 5e-4
+    """Learning rate of the autoencoder phase."""
+    latent_lr: float = 2e-4
+    """Learning rate of the U-Net in the latent phase."""
+    bootstrap_lr: float = 5e-5
+    """Learning rate of everything in the bootstrap phase."""
+    warmup_steps: int = 200
+    """Linear learning-rate warm-up at the start of each phase."""
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    cache_subsets: int = 4
+    """Encoder grids cached per training object (each from a different random set of source views)."""
+    mask_weight: float = 0.1
+    bootstrap_prob: float = 0.5
+    """Probability of the second (bootstrapped) denoising pass."""
+    bootstrap_latent_weight: float = 1.0
+    """Weight of the latent v-loss kept during the bootstrap phase (ties the denoiser to the encoder's space)."""
+    subset: str | None = "fewview_dev"
+    """Set list to train from (None: split by frame type)."""
+    max_sequences: int | None = None
+    """Training sequences per category (None: all)."""
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 250
+    sample_every: int = 1000
+    """Steps between sample sheets (0: only at the end)."""
+    sample_seeds: int = 16
+    sample_views: int = 4
+    sample_steps: int = 20
+    sample_size: int = 64
+    view_distance: float = 9.0
+    """Camera distance of the turntable renders in sample sheets (world units)."""
+    view_focal: float = 2.0
+    """NDC focal length of the turntable renders."""
+    view_elevation: float = 20.0
+    """Elevation of the turntable renders in degrees."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown train option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @property
+    def total_steps(self) -> int:
+        return self.ae_steps + self.latent_steps + self.bootstrap_steps
+
+    def phase(self, step: int) -> str:
+        if step < self.ae_steps:
+            return "autoencoder"
+        if step < self.ae_steps + self.latent_steps:
+            return "latent"
+        return "bootstrap"
+
+    def phase_start(self, phase: str) -> int:
+        return {"autoencoder": 0, "latent": self.ae_steps, "bootstrap": self.ae_steps + self.latent_steps}[phase]
+
+
+def step_generator(seed: int, step: int, micro: int, salt: int = 0) -> torch.Generator:
+    """The generator of one micro-batch of one step: independent of everything that happened before."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 131 + micro * 7 + salt)
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """Owns the model, the EMA denoiser, the optimizer and the data of one training run."""
+
+    def __init__(self, data: str | os.PathLike, categories: list[str], config: dict[str, Any], out: str | os.PathLike,
+                 device: str = "cpu", resume: bool = False, progress: bool = True):
+        self.out = Path(out)
+        self.device = torch.device(device)
+        self.rank, self.world = _dist_info()
+        self.progress = progress and self.rank == 0
+        stored = self.out / CHECKPOINT
+        if resume and stored.is_file():
+            _, meta = load_weights(stored)
+            config = meta["config"]  # a resumed run keeps the config it started with
+            categories = config["model"]["categories"]
+        elif resume:
+            raise UserError(f"--resume: {str(self.out)!r} holds no checkpoint to resume from")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise UserError(f"run folder {str(self.out)!r} already exists; pass --resume to continue it or choose "
+                            "a new --out")
+        try:
+            self.model_config = HoloDiffusionConfig.from_dict(config["model"])
+            self.cfg = TrainConfig.from_dict(config["train"])
+        except (ValueError, TypeError) as e:
+            raise UserError(f"bad config: {e}") from None
+        self.config = {"model": self.model_config.to_dict(), "train": asdict(self.cfg)}
+        if self.cfg.micro_batches % self.world:
+            raise UserError(f"micro_batches ({self.cfg.micro_batches}) must be divisible by the number of DDP "
+                            f"processes ({self.world})")
+        self.categories = list(categories)
+        self.data_root = str(data)
+        self.dataset = Co3dDataset(data, self.categories, subset=self.cfg.subset, split="train",
+                                   image_size=self.cfg.image_size, max_sequences=self.cfg.max_sequences, cache=True)
+        need = self.cfg.n_source + self.cfg.n_target
+        self.sequences = [s for s in self.dataset.sequences if len(self.dataset.frames(*s)) >= need]
+        if not self.sequences:
+            raise UserError(f"{data}: no training sequence of {', '.join(self.categories)} has the {need} frames a "
+                            f"batch needs (n_source + n_target)")
+        self.model = HoloDiffusion(self.model_config).to(self.device)
+        self.ema = copy.deepcopy(self.model.unet).requires_grad_(False)
+        ae_params = list(self.model.encoder.parameters()) + list(self.model.decoder.parameters())
+        self.opt = torch.optim.AdamW([{"params": ae_params, "name": "autoencoder"},
+                                      {"params": list(self.model.unet.parameters()), "name": "unet"}],
+                                     lr=self.cfg.lr, weight_decay=0.0)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.latents: Tensor | None = None
+        self.latent_categories: Tensor | None = None
+        self.data_stats: dict[str, float] | None = None
+        if resume:
+            self._load()
+
+    # ------------------------------------------------------------------ data
+    def scene_batch(self, gen: torch.Generator) -> tuple[Tensor, PerspectiveCamera, Targets, Tensor | None]:
+        """B objects: source images (B, V, 3, H, W), their B*V cameras, target rays, category indices."""
+        cfg = self.cfg
+        idx = torch.randperm(len(self.sequences), generator=gen)[:cfg.batch_scenes].tolist()
+        src_imgs, src_cams, tgt_imgs, tgt_masks, tgt_cams, cats = [], [], [], [], [], []
+        for i in idx:
+            cat, seq = self.sequences[i]
+            frames = self.dataset.frames(cat, seq)
+            pick = torch.randperm(len(frames), generator=gen)[:cfg.n_source + cfg.n_target].tolist()
+            views = self.dataset.load_views(cat, seq, [frames[j].frame_number for j in pick])
+            src_imgs.append(views.images[:cfg.n_source])
+            src_cams.append(views.cameras[:cfg.n_source])
+            tgt_imgs.append(views.images[cfg.n_source:])
+            tgt_masks.append(views.masks[cfg.n_source:])
+            tgt_cams.append(views.cameras[cfg.n_source:])
+            cats.append(cat)
+        images = torch.stack(src_imgs).to(self.device)
+        cams = PerspectiveCamera.stack(src_cams).to(self.device, torch.float32)
+        targets = self._rays(torch.cat(tgt_imgs), torch.cat(tgt_masks), PerspectiveCamera.stack(tgt_cams), gen)
+        return images, cams, targets, self.model.category_index(cats, len(cats))
+
+    def _rays(self, images: Tensor, masks: Tensor, cams: PerspectiveCamera, gen: torch.Generator) -> Targets:
+        """Random pixels of each target view, ``object_ray_fraction`` of them inside the mask."""
+        n, _, h, w = images.shape
+        r = self.cfg.rays_per_target
+        n_obj = int(round(r * self.cfg.object_ray_fraction))
+        flat_mask = (masks.reshape(n, -1) > 0.5).float() + 1e-6  # never all zero
+        obj = torch.multinomial(flat_mask, n_obj, replacement=True, generator=gen)
+        uni = torch.randint(0, h * w, (n, r - n_obj), generator=gen)
+        pix = torch.cat([obj, uni], 1)  # (n, r)
+        xy = torch.stack([(pix % w).float() + 0.5, (pix // w).float() + 0.5], -1)
+        rgb = torch.gather(images.reshape(n, 3, -1), 2, pix[:, None].expand(-1, 3, -1)).transpose(1, 2)
+        mask = torch.gather(masks.reshape(n, -1), 1, pix)
+        return Targets(cams.to(self.device, torch.float32), xy.to(self.device), rgb.to(self.device),
+                       mask.to(self.device))
+
+    # ------------------------------------------------------------------ latent cache
+    @torch.no_grad()
+    def build_latent_cache(self) -> None:
+        """Encodes every training object ``cache_subsets`` times and fixes the latent normalisation."""
+        path = self.out / LATENTS
+        if path.is_file():
+            state, _ = load_weights(path)
+            self.latents, self.latent_categories = state["latents"], state["categories"]
+            self.model.latent_mean.copy_(state["mean"])
+            self.model.latent_std.copy_(state["std"])
+            return
+        cfg = self.cfg
+        zs, cats = [], []
+        jobs = [(i, s) for i in range(len(self.sequences)) for s in range(cfg.cache_subsets)]
+        bar = tqdm(total=len(jobs), desc="caching latents", unit="grid", disable=not self.progress, leave=False)
+        for start in range(0, len(jobs), 8):
+            chunk = jobs[start:start + 8]
+            imgs, cams, names = [], [], []
+            for i, s in chunk:
+                gen = step_generator(cfg.seed, i, s, salt=977)
+                cat, seq = self.sequences[i]
+                frames = self.dataset.frames(cat, seq)
+                pick = torch.randperm(len(frames), generator=gen)[:cfg.n_source].tolist()
+                views = self.dataset.load_views(cat, seq, [frames[j].frame_number for j in pick])
+                imgs.append(views.images)
+                cams.append(views.cameras)
+                names.append(cat)
+            z = self.model.encode(torch.stack(imgs).to(self.device),
+                                  PerspectiveCamera.stack(cams).to(self.device, torch.float32))
+            zs.append(z.cpu())
+            idx = self.model.category_index(names, len(names))
+            cats.append(idx.cpu() if idx is not None else torch.zeros(len(names), dtype=torch.long))
+            bar.update(len(chunk))
+        bar.close()
+        z = torch.cat(zs)
+        mean = z.mean(dim=(0, 2, 3, 4))
+        std = z.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+        self.model.latent_mean.copy_(mean.to(self.device))
+        self.model.latent_std.copy_(std.to(self.device))
+        self.latents = ((z - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)).contiguous()
+        self.latent_categories = torch.cat(cats)
+        if self.rank == 0:
+            save_weights(path, {"latents": self.latents, "categories": self.latent_categories, "mean": mean,
+                                "std": std}, "latent-cache", self.config, {"objects": len(self.sequences)})
+
+    # ------------------------------------------------------------------ one step
+    def _set_lr(self, phase: str, step: int) -> None:
+        cfg = self.cfg
+        warm = min(1.0, (step - cfg.phase_start(phase) + 1) / max(1, cfg.warmup_steps))
+        lrs = {"autoencoder": (cfg.lr, 0.0), "latent": (0.0, cfg.latent_lr),
+               "bootstrap": (cfg.bootstrap_lr, cfg.bootstrap_lr)}[phase]
+        for group, lr in zip(self.opt.param_groups, lrs):
+            group["lr"] = lr * warm
+
+    def _micro_loss(self, phase: str, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        cfg, m = self.cfg, self.model
+        if phase == "latent":
+            idx = torch.randint(0, len(self.latents), (cfg.latent_batch,), generator=gen)
+            x0 = self.latents[idx].to(self.device)
+            cat = self.latent_categories[idx].to(self.device) if m.config.unet.num_classes else None
+            return m.latent_loss(x0, cat, gen)
+        images, cams, targets, cat = self.scene_batch(gen)
+        if phase == "autoencoder":
+            return m.autoencoder_loss(images, cams, targets, gen, cfg.mask_weight)
+        return m.bootstrap_loss(images, cams, targets, cat, gen, cfg.mask_weight, cfg.bootstrap_prob,
+                                cfg.bootstrap_latent_weight)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (all micro-batches of this rank, gradients averaged over every rank)."""
+        cfg, step = self.cfg, self.step
+        phase = cfg.phase(step)
+        if phase != "autoencoder" and self.latents is None:
+            self.build_latent_cache()
+        self._set_lr(phase, step)
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        per_rank = cfg.micro_batches // self.world
+        totals: dict[str, float] = {}
+        for k in range(per_rank):
+            micro = self.rank * per_rank + k
+            loss, stats = self._micro_loss(phase, step_generator(cfg.seed, step, micro))
+            (loss / cfg.micro_batches).backward()
+            stats["loss"] = loss.item()
+            for key, v in stats.items():
+                totals[key] = totals.get(key, 0.0) + v / per_rank
+        trained = [p for g in self.opt.param_groups if g["lr"] > 0 for p in g["params"]]
+        if self.world > 1:
+            for p in trained:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)  # sum over ranks of (micro losses / micro_batches): the global mean
+        if cfg.grad_clip > 0 and trained:
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip))
+        self.opt.step()
+        if phase != "autoencoder":
+            self._ema_update()
+        self.step += 1
+        totals["step"] = step
+        totals["phase"] = PHASES.index(phase)
+        return totals
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        # Early in the latent phase a short EMA horizon lets the average catch up with a fast-changing network.
+        k = self.step - self.cfg.ae_steps + 1
+        decay = min(self.cfg.ema_decay, (1 + k) / (10 + k))
+        for e, p in zip(self.ema.parameters(), self.model.unet.parameters()):
+            e.lerp_(p, 1 - decay)
+
+    # ------------------------------------------------------------------ checkpoints
+    def inference_state(self) -> dict[str, Tensor]:
+        """The model's weights with the EMA denoiser in place of the raw one (what sampling uses)."""
+        state = self.model.state_dict()
+        for k, v in self.ema.state_dict().items():
+            state[f"unet.{k}"] = v
+        return state
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        info = {"step": self.step, "phase": self.cfg.phase(max(self.step - 1, 0)), "data": self.data_root,
+                "categories": self.categories, "objects": len(self.sequences)}
+        state = dict(self.model.state_dict())
+        state.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        save_weights(self.out / CHECKPOINT, state, "holodiffusion-checkpoint", self.config, info)
+        atomic_torch_save({"optimizer": self.opt.state_dict(), "step": self.step,
+                           "history": [[float(v) for v in h.values()] for h in self.history],
+                           "history_keys": [list(h.keys()) for h in self.history]}, self.out / TRAIN_STATE)
+        save_weights(self.out / MODEL, self.inference_state(), "holodiffusion", self.config["model"], info)
+
+    def _load(self) -> None:
+        state, meta = load_weights(self.out / CHECKPOINT, self.device)
+        ema = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
+        self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("ema.")})
+        self.ema.load_state_dict(ema)
+        ts = load_torch_state(self.out / TRAIN_STATE)
+        self.opt.load_state_dict(ts["optimizer"])
+        self.step = int(ts["step"])
+        self.history = [dict(zip(k, v)) for k, v in zip(ts["history_keys"], ts["history"])]
+        if self.cfg.phase(self.step) != "autoencoder" or self.step > self.cfg.ae_steps:
+            if (self.out / LATENTS).is_file():
+                self.build_latent_cache()  # reads the cached file
+
+    # ------------------------------------------------------------------ pictures
+    def write_pictures(self) -> None:
+        if self.rank != 0:
+            return
+        from .plots import loss_curve, sample_sheet
+
+        loss_curve(self.history, self.out / "loss.png", phase_names=PHASES)
+        if self.cfg.phase(max(self.step - 1, 0)) == "autoencoder":
+            return
+        sheet, stats = self.samples()
+        sample_sheet(sheet, self.out / "samples.png", title=f"step {self.step}")
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **stats}) + "\n")
+
+    @torch.no_grad()
+    def samples(self) -> tuple[Tensor, dict[str, float]]:
+        """Renders fresh samples (EMA denoiser) and measures their spread of colour and size against the data's."""
+        cfg = self.cfg
+        model = copy.deepcopy(self.model)
+        model.unet.load_state_dict(self.ema.state_dict())
+        model.eval()
+        seeds = list(range(cfg.sample_seeds))
+        cats = [self.categories[i % len(self.categories)] for i in seeds] if len(self.categories) > 1 else None
+        x = model.sample(seeds, cats, steps=cfg.sample_steps)
+        cams = fly_around_cameras(cfg.sample_views, cfg.view_distance, cfg.view_elevation, cfg.view_focal,
+                                  (cfg.sample_size, cfg.sample_size)).to(self.device)
+        out = model.render(model.denormalize(x), PerspectiveCamera.stack([cams] * len(seeds)))
+        rgb = out.rgb.reshape(len(seeds), cfg.sample_views, cfg.sample_size, cfg.sample_size, 3)
+        alpha = out.alpha.reshape(len(seeds), -1)
+        stats = {"sample_" + k: v for k, v in _spread(rgb.reshape(len(seeds), -1, 3), alpha).items()}
+        if self.data_stats is None:
+            self.data_stats = self._data_spread()
+        stats.update({"data_" + k: v for k, v in self.data_stats.items()})
+        for k in ("colour_spread", "size_spread"):
+            stats[k + "_ratio"] = stats["sample_" + k] / max(stats["data_" + k], 1e-8)
+        return rgb.cpu(), stats
+
+    def _data_spread(self) -> dict[str, float]:
+        gen = torch.Generator().manual_seed(12345)
+        idx = torch.randperm(len(self.sequences), generator=gen)[:64].tolist()
+        rgbs, alphas = [], []
+        for i in idx:
+            cat, seq = self.sequences[i]
+            f = self.dataset.load_frame(self.dataset.frames(cat, seq)[0])
+            rgbs.append(f.image.permute(1, 2, 0).reshape(-1, 3))
+            alphas.append(f.mask.reshape(-1))
+        return _spread(torch.stack(rgbs), torch.stack(alphas))
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, max_steps: int | None = None) -> None:
+        cfg = self.cfg
+        end = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
+        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        t_last = time.perf_counter()
+        while self.step < end:
+            stats = self.train_step()
+            self.history.append(stats)
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == end:
+                now = time.perf_counter()
+                bar.set_postfix(phase=PHASES[int(stats["phase"])], loss=f"{stats['loss']:.4f}",
+                                s_per_step=f"{(now - t_last) / cfg.log_every:.2f}")
+                t_last = now
+            if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                self.save()
+                if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == end:
+                    self.write_pictures()
+                else:
+                    self._curve_only()
+        bar.close()
+
+    def _curve_only(self) -> None:
+        if self.rank == 0:
+            from .plots import loss_curve
+
+            loss_curve(self.history, self.out / "loss.png", phase_names=PHASES)
+
+
+def _spread(rgb: Tensor, alpha: Tensor) -> dict[str, float]:
+    """Colour spread (std over objects of the mean object colour) and size spread (std of covered area over its
+    mean) of N objects' pixels rgb (N, P, 3) with coverage alpha (N, P)."""
+    a = alpha.clamp(0, 1)
+    area = a.mean(1)
+    colour = (rgb * a[..., None]).sum(1) / a.sum(1).clamp_min(1e-6)[:, None]
+    return {"colour_spread": float(colour.std(0).mean()), "size_spread": float(area.std() / area.mean().clamp_min(1e-6))}
+
+
+def train_holodiffusion(data: str, categories: str, config: str, out: str, resume: bool = False,
+                        max_steps: int | None = None, device: str = "cpu", progress: bool = True) -> Trainer:
+    """The `holofusion train holodiffusion` command (also usable from Python)."""
+    cats = [c.strip() for c in categories.split(",") if c.strip()]
+    if not cats:
+        raise UserError("--categories is empty; name at least one category, e.g. apple or apple,donut")
+    root = Path(data)
+    if not root.is_dir():
+        raise UserError(f"--data {data!r} is not a folder")
+    missing = [c for c in cats if not (root / c / "frame_annotations.jgz").is_file()]
+    if missing:
+        have = sorted(p.name for p in root.iterdir() if (p / "frame_annotations.jgz").is_file())
+        raise UserError(f"--data {data!r} has no category {', '.join(missing)} (it has: {', '.join(have) or 'none'})")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    cfg = resolve_config(config, cats) if not resume or not (Path(out) / CHECKPOINT).is_file() else None
+    trainer = Trainer(data, cats, cfg or {}, out, device, resume, progress)
+    trainer.fit(max_steps)
+    if dist.is_initialized():
+        dist.barrier()
+    return trainer
