@@ -19,7 +19,7 @@ from .errors import UserError
 
 __all__ = ["BUILTIN", "resolve_config"]
 
-_RENDER_FAST = {"n_coarse": 24, "n_fine": 12, "chunk_rays": 2048}
+_RENDER_FAST = {"n_coarse": 24, "n_fine": 12, "chunk_rays": 1024}
 
 BUILTIN: dict[str, dict[str, Any]] = {
     "tiny": {
