@@ -173,6 +173,8 @@ class Trainer:
                             f"processes ({self.world})")
         self.categories = list(categories)
         self.data_root = str(data)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
         self.dataset = Co3dDataset(data, self.categories, subset=self.cfg.subset, split="train",
                                    image_size=self.cfg.image_size, max_sequences=self.cfg.max_sequences, cache=True)
         need = self.cfg.n_source + self.cfg.n_target
