@@ -33,7 +33,7 @@ from .nets.encoder import Encoder, EncoderConfig
 from .nets.unet3d import UNet3D, UNet3DConfig
 from .render import RenderConfig, RenderOutput, render_grid
 
-__all__ = ["HoloDiffusionConfig", "HoloDiffusion", "Targets"]
+__all__ = ["HoloDiffusionConfig", "HoloDiffusion", "Targets", "load_holodiffusion"]
 
 
 @dataclass
@@ -274,3 +274,31 @@ class HoloDiffusion(nn.Module):
 
         steps = self.schedule.num_steps if sampler == "ancestral" and steps is None else steps
         return sample(denoise, x, self.schedule, sampler, steps, gens, callback)
+
+
+def load_holodiffusion(path: str, device: str | torch.device = "cpu") -> HoloDiffusion:
+    """A trained model from a weights file or a training run folder (its ``model.safetensors``: EMA denoiser).
+
+    Raises ``UserError`` with a clear sentence for a missing file, a file that is not safetensors, or a safetensors
+    file that is not a HoloDiffusion model.
+    """
+    from pathlib import Path
+
+    from .errors import UserError
+    from .weights import load_weights
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    state, meta = load_weights(p, device)
+    if meta["kind"] != "holodiffusion":
+        raise UserError(f"{str(p)!r} holds a {meta['kind']!r} model, not a HoloDiffusion model")
+    try:
+        config = HoloDiffusionConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{str(p)!r}: its stored config is not valid ({e})") from None
+    model = HoloDiffusion(config).to(device)
+    model.load_state_dict(state)
+    model.eval()
+    model.info = meta["info"]
+    return model
