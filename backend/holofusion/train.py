@@ -384,12 +384,32 @@ class Trainer:
         from .plots import loss_curve, sample_sheet
 
         loss_curve(self.history, self.out / "loss.png", phase_names=PHASES)
+        sample_sheet(self.reconstructions(), self.out / "reconstructions.png",
+                     title=f"step {self.step}: target view | render of the encoder's grid")
         if self.cfg.phase(max(self.step - 1, 0)) == "autoencoder":
             return
         sheet, stats = self.samples()
         sample_sheet(sheet, self.out / "samples.png", title=f"step {self.step}")
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, **stats}) + "\n")
+
+    @torch.no_grad()
+    def reconstructions(self, n: int = 8) -> Tensor:
+        """Held-out target views of n training objects beside renders of their encoder grids: (n, 2, H, W, 3)."""
+        self.model.eval()
+        gen = step_generator(self.cfg.seed, 0, 0, salt=4243)
+        idx = torch.randperm(len(self.sequences), generator=gen)[:n].tolist()
+        rows = []
+        for i in idx:
+            cat, seq = self.sequences[i]
+            frames = self.dataset.frames(cat, seq)
+            views = self.dataset.load_views(cat, seq, [f.frame_number for f in frames[:self.cfg.n_source + 1]])
+            src = views.images[None, :-1].to(self.device)
+            z = self.model.encode(src, views.cameras[:-1].to(self.device, torch.float32))
+            out = self.model.render(z, views.cameras[-1:].to(self.device, torch.float32))
+            rows.append(torch.stack([views.images[-1].permute(1, 2, 0), out.rgb[0].cpu()]))
+        self.model.train()
+        return torch.stack(rows)
 
     @torch.no_grad()
     def samples(self) -> tuple[Tensor, dict[str, float]]:
