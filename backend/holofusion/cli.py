@@ -114,6 +114,98 @@ def _cmd_train_holodiffusion(args) -> int:
     return 0
 
 
+_SAMPLERS = ("dpm++", "ddim", "ancestral")
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="sample coarse grids and turntables from a trained HoloDiffusion model",
+                       description="Sample objects from a trained HoloDiffusion model. For each seed writes "
+                                   "<category>_<seed>.safetensors (the normalised latent grid and the denormalised "
+                                   "feature grid, with the model path, seed, steps, sampler, category and box in its "
+                                   "metadata) and <category>_<seed>.png (a turntable strip). The same seed gives "
+                                   "the same grid, bit for bit, whatever --count is.")
+    p.add_argument("--model", required=True, help="run folder (its model.safetensors) or a .safetensors model file")
+    p.add_argument("--category", default=None,
+                   help="category to sample (default: the model's only category; required if it has several)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first object (default: 0)")
+    p.add_argument("--count", type=_positive_int("--count"), default=1,
+                   help="objects to sample, seeds --seed, --seed+1, ... (default: 1)")
+    p.add_argument("--steps", type=_positive_int("--steps"), default=25, help="sampler steps (default: 25)")
+    p.add_argument("--sampler", choices=_SAMPLERS, default="dpm++", help="sampler (default: dpm++)")
+    p.add_argument("--views", type=_positive_int("--views"), default=8, help="turntable views (default: 8)")
+    p.add_argument("--size", type=_positive_int("--size"), default=128, help="turntable view size in pixels "
+                                                                             "(default: 128)")
+    p.add_argument("--out", required=True, help="folder to write into (created if missing)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.set_defaults(func=_cmd_sample)
+
+
+def _cmd_sample(args) -> int:
+    from .evaluate import write_samples
+
+    paths = write_samples(args.model, args.out, args.category, args.seed, args.count, args.steps, args.sampler,
+                          args.views, args.size, args.device)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a HoloDiffusion model against held-out objects",
+                       description="Sample --samples objects of a category, extract their coloured surfaces and "
+                                   "compare them with the point clouds of the category's held-out (test, else val) "
+                                   "objects: COV, MMD and 1-NNA for a coloured and a geometry-only Chamfer "
+                                   "distance, and the diversity ratio. Writes the metrics JSON and a sample sheet "
+                                   "PNG beside it, and prints a table. FID/KID need Inception-v3 weights, which "
+                                   "this version does not support.")
+    p.add_argument("--model", required=True, help="run folder (its model.safetensors) or a .safetensors model file")
+    p.add_argument("--data", required=True, help="CO3Dv2-format dataset root holding the category")
+    p.add_argument("--category", default=None,
+                   help="category to evaluate (default: the model's only category; required if it has several)")
+    p.add_argument("--samples", type=_positive_int("--samples"), required=True, help="objects to sample")
+    p.add_argument("--steps", type=_positive_int("--steps"), default=25, help="sampler steps (default: 25)")
+    p.add_argument("--sampler", choices=_SAMPLERS, default="dpm++", help="sampler (default: dpm++)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first sample (default: 0)")
+    p.add_argument("--points", type=_positive_int("--points"), default=2048,
+                   help="points per surface and per reference cloud (default: 2048)")
+    p.add_argument("--lattice", type=_positive_int("--lattice"), default=64,
+                   help="density lattice per axis for surface extraction (default: 64)")
+    p.add_argument("--opacity-length", type=float, default=1.0,
+                   help="surface level: where a slab this thick (world units) is half opaque, sigma = ln 2 / length "
+                        "(default: 1.0)")
+    p.add_argument("--colour-weight", type=float, default=None,
+                   help="weight of RGB against xyz in the coloured distance (default: chosen so that colour and "
+                        "shape differences between the reference objects weigh the same)")
+    p.add_argument("--batch", type=_positive_int("--batch"), default=8, help="objects sampled at once (default: 8)")
+    p.add_argument("--out", default=None,
+                   help="metrics JSON to write (default: eval_<category>.json beside the model, i.e. in its run "
+                        "folder); the sample sheet goes beside it as <name>_samples.png")
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help="Inception-v3 weights for FID/KID: not supported in this version (exits with a message)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluate import SurfaceConfig, evaluate_model, format_table
+
+    if args.lattice < 2:
+        raise UserError(f"--lattice must be at least 2; got {args.lattice}")
+    if not args.opacity_length > 0:
+        raise UserError(f"--opacity-length must be positive; got {args.opacity_length}")
+    if args.colour_weight is not None and not args.colour_weight >= 0:
+        raise UserError(f"--colour-weight must be zero or positive; got {args.colour_weight}")
+    report, path, sheet = evaluate_model(args.model, args.data, args.category, args.samples, args.steps,
+                                         args.sampler, args.points, args.out, args.inception, args.seed, args.batch,
+                                         SurfaceConfig(lattice=args.lattice, opacity_length=args.opacity_length),
+                                         args.colour_weight,
+                                         device=args.device)
+    print(format_table(report))
+    print(f"wrote {path}")
+    print(f"wrote {sheet}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="holofusion",
                      description="HoloFusion generative 3D: datasets, training, sampling and the Blender backend.")
@@ -121,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     _add_dataset(sub)
     _add_train(sub)
+    _add_sample(sub)
+    _add_evaluate(sub)
     return parser
 
 

@@ -1,0 +1,405 @@
+"""Evaluation: surface extraction, Chamfer distances, COV / MMD / 1-NNA / diversity, and the sample / evaluate CLI.
+
+Metric definitions are checked on hand-made point sets with known answers; surface extraction on analytic density
+fields; the CLI on a tiny random-weight model saved the way the trainer saves one, and a tiny procedural dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from holofusion.cli import main
+from holofusion.configs import resolve_config
+from holofusion.evaluate import (
+    FID_NOTE,
+    ColouredPoints,
+    SurfaceConfig,
+    chamfer_matrix,
+    chamfer_pairs,
+    colour_weight_for,
+    coverage,
+    density_lattice,
+    density_level,
+    generative_metrics,
+    level_set_points,
+    minimum_matching_distance,
+    one_nn_accuracy,
+    surface_points,
+    turntable_settings,
+)
+from holofusion.grid import VoxelGrid
+from holofusion.holodiffusion import HoloDiffusion, HoloDiffusionConfig
+from holofusion.nets.decoder import Decoder, DecoderConfig
+from holofusion.weights import read_metadata, save_weights
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The machine is shared with long jobs; these tensors are small enough that one thread costs little.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def sphere_sets(radii, colours, n: int = 96, seed: int = 0, centre=(0.0, 0.0, 0.0)) -> ColouredPoints:
+    """Point sets on spheres of the given radii, each of one colour: (len(radii), n, 3)."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(len(radii), n, 3, generator=g), dim=-1)
+    pts = dirs * torch.as_tensor(radii, dtype=torch.float32).view(-1, 1, 1) + torch.tensor(centre)
+    cols = torch.as_tensor(colours, dtype=torch.float32).view(-1, 1, 3).expand(-1, n, 3).contiguous()
+    return ColouredPoints(pts, cols, torch.zeros(len(radii), dtype=torch.bool))
+
+
+def metrics_of(samples: ColouredPoints, refs: ColouredPoints, w: float = 1.0) -> dict[str, dict[str, float]]:
+    n = len(samples)
+    col, geo = chamfer_matrix(ColouredPoints.cat([samples, refs]), None, w)
+    return {k: generative_metrics(d[:n, :n], d[n:, n:], d[:n, n:], samples.empty)
+            for k, d in (("coloured", col), ("geometry", geo))}
+
+
+def brute_chamfer(a: torch.Tensor, b: torch.Tensor) -> float:
+    d = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    return float(d.min(1).values.mean() + d.min(0).values.mean())
+
+
+# ------------------------------------------------------------------------------------------------------ distances
+def test_chamfer_matrix_matches_a_brute_force_loop():
+    g = torch.Generator().manual_seed(1)
+    none = torch.zeros(4, dtype=torch.bool)
+    a = ColouredPoints(torch.randn(3, 40, 3, generator=g), torch.rand(3, 40, 3, generator=g), none[:3])
+    b = ColouredPoints(torch.randn(4, 31, 3, generator=g), torch.rand(4, 31, 3, generator=g), none)
+    w = 0.7
+    # A tiny byte budget forces one pair per chunk: the chunking must not change anything.
+    col, geo = chamfer_matrix(a, b, w, max_bytes=1)
+    for i in range(3):
+        for j in range(4):
+            assert geo[i, j] == pytest.approx(brute_chamfer(a.points[i], b.points[j]), rel=1e-4, abs=1e-5)
+            six_a = torch.cat([a.points[i], w * a.colours[i]], -1)
+            six_b = torch.cat([b.points[j], w * b.colours[j]], -1)
+            assert col[i, j] == pytest.approx(brute_chamfer(six_a, six_b), rel=1e-4, abs=1e-5)
+    # The symmetric form (one set against itself) equals the general form.
+    sym_c, sym_g = chamfer_matrix(a, None, w)
+    full_c, full_g = chamfer_matrix(a, a, w)
+    assert torch.allclose(sym_c, sym_c.T) and torch.all(sym_c.diagonal() == 0)
+    off = ~torch.eye(3, dtype=torch.bool)
+    assert torch.allclose(sym_c[off], full_c[off], atol=1e-5) and torch.allclose(sym_g[off], full_g[off], atol=1e-5)
+
+
+def test_coloured_distance_separates_colours_geometry_does_not():
+    red = sphere_sets([1.5], [(0.9, 0.1, 0.1)], seed=3)
+    green = sphere_sets([1.5], [(0.1, 0.8, 0.1)], seed=3)  # the same points, another colour
+    c, g = chamfer_pairs(red.points, red.colours, green.points, green.colours, colour_weight=1.5)
+    assert float(g) == pytest.approx(0.0, abs=1e-5)
+    # Every nearest neighbour is the same point, so each direction adds w^2 |c1 - c2|^2.
+    assert float(c) == pytest.approx(2 * 1.5**2 * (0.8**2 + 0.7**2), rel=1e-4)
+    # As metrics: red samples against green references of the same shapes.
+    radii = [1.0 + 0.5 * i for i in range(6)]  # far apart against the point spacing: twins are nearest
+    samples = sphere_sets(radii, [(0.9, 0.1, 0.1)] * 6, seed=4)
+    refs = sphere_sets(radii, [(0.1, 0.8, 0.1)] * 6, seed=5)
+    m = metrics_of(samples, refs, w=1.5)
+    assert m["coloured"]["1nna"] == 1.0  # told apart by colour alone
+    assert m["geometry"]["1nna"] <= 0.5  # by shape, each sample sits on its twin reference
+    assert m["geometry"]["cov"] == 1.0 and m["coloured"]["mmd"] > 10 * m["geometry"]["mmd"]
+
+
+def test_colour_weight_balances_shape_and_colour_differences():
+    def single(x: float, rgb) -> ColouredPoints:  # sets of 4 copies of one point
+        return ColouredPoints(torch.tensor([[[x, 0.0, 0.0]]]).expand(1, 4, 3).contiguous(),
+                              torch.tensor([[rgb]], dtype=torch.float32).expand(1, 4, 3).contiguous(),
+                              torch.zeros(1, dtype=torch.bool))
+
+    # Shape term 2 * 1^2, colour term 2 * 1^2: w = 1. Twice the distance: w = 2 (world units per unit of RGB).
+    assert colour_weight_for(ColouredPoints.cat([single(0, (0, 0, 0)), single(1, (1, 0, 0))])) == pytest.approx(1.0)
+    refs = ColouredPoints.cat([single(0, (0, 0, 0)), single(2, (1, 0, 0))])
+    w = colour_weight_for(refs)
+    assert w == pytest.approx(2.0)
+    col, geo = chamfer_matrix(refs, None, w)
+    assert float(col[0, 1]) == pytest.approx(2 * float(geo[0, 1]))  # half shape, half colour
+    # One colour for all: nothing to balance, the weight falls back to the objects' size.
+    same = sphere_sets([1.0, 3.0], [(0.5, 0.5, 0.5)] * 2, centre=(5.0, -2.0, 1.0))
+    assert colour_weight_for(same) == pytest.approx(2.0, rel=0.02)  # about the sample centroid, not the centre
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+def test_identical_sets_cover_everything_at_zero_distance():
+    radii = [1.0 + 0.15 * i for i in range(8)]
+    cols = [(0.1 * i, 0.5, 1 - 0.1 * i) for i in range(8)]
+    refs = sphere_sets(radii, cols, seed=7)
+    m = metrics_of(refs, refs)
+    for key in ("coloured", "geometry"):
+        assert m[key]["cov"] == 1.0
+        assert m[key]["mmd"] == pytest.approx(0.0, abs=1e-4)
+        # Copies are each other's nearest neighbours, so the classifier is always wrong: memorisation reads 0%.
+        assert m[key]["1nna"] == 0.0
+        assert m[key]["diversity_ratio"] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_independent_draws_of_one_distribution_score_near_half():
+    g = torch.Generator().manual_seed(11)
+
+    def draw(k: int, seed: int) -> ColouredPoints:
+        radii = (1.0 + torch.rand(k, generator=g)).tolist()
+        cols = torch.rand(k, 3, generator=g).tolist()
+        return sphere_sets(radii, cols, n=48, seed=seed)
+
+    m = metrics_of(draw(40, 1), draw(40, 2), w=1.0)
+    for key in ("coloured", "geometry"):
+        assert 0.3 <= m[key]["1nna"] <= 0.7
+        assert 0.7 <= m[key]["diversity_ratio"] <= 1.4
+        assert m[key]["cov"] >= 0.4
+
+
+def test_far_disjoint_sets_are_always_told_apart():
+    radii = [1.0, 1.2, 1.4, 1.6]
+    cols = [(0.5, 0.5, 0.5)] * 4
+    refs = sphere_sets(radii, cols, seed=1)
+    far = sphere_sets(radii, cols, seed=2, centre=(100.0, 0.0, 0.0))
+    m = metrics_of(far, refs)
+    assert m["geometry"]["1nna"] == 1.0 and m["coloured"]["1nna"] == 1.0
+    assert m["geometry"]["mmd"] > 1e4
+
+
+def test_metric_definitions_on_a_hand_made_matrix():
+    # 3 samples x 4 references: samples 0 and 1 both pick reference 2, sample 2 picks reference 0.
+    d_sr = torch.tensor([[5.0, 4.0, 1.0, 9.0],
+                         [6.0, 7.0, 2.0, 8.0],
+                         [0.5, 3.0, 6.0, 7.0]])
+    assert coverage(d_sr) == 0.5
+    assert minimum_matching_distance(d_sr) == pytest.approx((0.5 + 3.0 + 1.0 + 7.0) / 4)
+    d_ss = torch.tensor([[0.0, 0.2, 9.0], [0.2, 0.0, 9.0], [9.0, 9.0, 0.0]])
+    d_rr = torch.full((4, 4), 10.0).fill_diagonal_(0.0)
+    # NN: s0 -> s1, s1 -> s0 (right), s2 -> r0 (wrong); r0 -> s2 (wrong), r1 -> s2 (wrong), r2 -> s0 (wrong),
+    # r3 -> s2 (wrong, 7 < 8 < 10): 2 of 7 right.
+    assert one_nn_accuracy(d_ss, d_rr, d_sr) == pytest.approx(2 / 7)
+
+
+def test_empty_samples_count_as_infinitely_far():
+    refs = sphere_sets([1.0, 1.5], [(1, 0, 0), (0, 1, 0)], seed=1)
+    good = sphere_sets([0.9], [(1, 0, 0)], seed=9)
+    empty = ColouredPoints(torch.zeros(2, 96, 3), torch.zeros(2, 96, 3), torch.ones(2, dtype=torch.bool))
+    samples = ColouredPoints.cat([good, empty])
+    col, geo = chamfer_matrix(ColouredPoints.cat([samples, refs]), None, 1.0)
+    assert math.isinf(geo[1, 3]) and geo[1, 2] == 0.0  # empty vs reference; empty vs empty
+    m = metrics_of(samples, refs)["geometry"]
+    assert m["cov"] == 0.5  # the good sample covers the nearer reference; empties cover nothing
+    assert math.isfinite(m["mmd"])
+    # The good sample and the first reference are mutual NNs (both wrong); the empties find each other (right); the
+    # second reference's nearest is the first reference (right): 3 of 5.
+    assert m["1nna"] == pytest.approx(3 / 5)
+    only_empty = metrics_of(empty, refs)["geometry"]
+    assert only_empty["cov"] == 0.0 and math.isinf(only_empty["mmd"]) and only_empty["1nna"] == 1.0
+    assert math.isnan(only_empty["diversity_ratio"])
+
+
+# ------------------------------------------------------------------------------------------------------ surfaces
+def test_level_set_of_an_analytic_sphere():
+    lattice, r0, h = 48, 1.3, 2.0
+    ax = torch.linspace(-h, h, lattice)
+    zz, yy, xx = torch.meshgrid(ax, ax, ax, indexing="ij")
+    r = torch.sqrt(xx**2 + yy**2 + zz**2)
+    sigma = 20.0 * torch.sigmoid((r0 - r) / 0.1)  # crosses 10 at r0
+    pts = level_set_points(sigma, (-h,) * 3, (h,) * 3, 10.0, 6000, torch.Generator().manual_seed(0))
+    radius = pts.norm(dim=-1)
+    step = 2 * h / (lattice - 1)
+    assert (radius - r0).abs().max() < 0.25 * step  # linear interpolation along edges of a smooth field
+    # Uniform over the area: on a sphere, |n_z| > 1/2 holds on exactly half of the area. Without the 1/|n|_1
+    # weights the diagonal directions, which cross more lattice edges, would be over-represented.
+    frac = float(((pts[:, 2] / radius).abs() > 0.5).float().mean())
+    assert frac == pytest.approx(0.5, abs=0.04)
+    assert level_set_points(torch.zeros(8, 8, 8), (-1,) * 3, (1,) * 3, 1.0, 10) is None
+    assert level_set_points(torch.ones(8, 8, 8) * 5, (-1,) * 3, (1,) * 3, 1.0, 10) is None  # all inside: no surface
+
+
+def sphere_decoder(rgb=(0.2, 0.5, 0.8)) -> Decoder:
+    """A 1-channel decoder whose raw density is its feature f and whose albedo is ``rgb`` everywhere.
+
+    Trunk: h = (relu(f), relu(-f)), then identity; head: density_raw = h0 - h1 = f, albedo logits constant.
+    """
+    dec = Decoder(DecoderConfig(n_features_in=1, hidden_dim=2, n_hidden_layers=2, n_harmonics_dir=0))
+    with torch.no_grad():
+        dec.trunk[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        dec.trunk[0].bias.zero_()
+        dec.trunk[1].weight.copy_(torch.eye(2))
+        dec.trunk[1].bias.zero_()
+        dec.head.weight.zero_()
+        dec.head.bias.zero_()
+        dec.head.weight[0] = torch.tensor([1.0, -1.0])
+        dec.head.bias[1:4] = torch.logit(torch.tensor(rgb))
+    return dec
+
+
+def test_surface_points_of_a_decoded_sphere():
+    dec = sphere_decoder()
+    # Length 0.5 (level 2 ln 2): zero features (the box faces) decode to softplus(0) = ln 2, clearly outside.
+    cfg = SurfaceConfig(lattice=40, points=512, opacity_length=0.5)
+    level = density_level(cfg.opacity_length)
+    raw_level = math.log(math.expm1(level))  # softplus^-1: the decoder's raw value at the level
+    s, h, r0 = 24, 2.0, 1.2
+    grid = VoxelGrid.zeros(2, 1, s, (-h,) * 3, (h,) * 3)
+    r = grid.cell_centers().norm(dim=-1).view(s, s, s)
+    # A field linear in the radius: it crosses the level exactly at r0, and trilinear interpolation keeps it close.
+    grid.features[0, 0] = raw_level + 4.0 * (r0 - r)
+    grid.features[1, 0] = -5.0  # nothing anywhere: an empty sample
+    out = surface_points(grid, dec, "softplus", cfg, [torch.Generator().manual_seed(i) for i in range(2)])
+    assert out.empty.tolist() == [False, True]
+    radius = out.points[0].norm(dim=-1)
+    assert (radius - r0).abs().max() < 0.05
+    assert torch.allclose(out.colours[0], torch.tensor([0.2, 0.5, 0.8]).expand(512, 3), atol=1e-5)
+    assert torch.all(out.points[1] == 0)
+    # The same generator gives the same points.
+    again = surface_points(grid, dec, "softplus", cfg, [torch.Generator().manual_seed(i) for i in range(2)])
+    assert torch.equal(again.points, out.points)
+    sigma = density_lattice(grid, dec, "softplus", 9)
+    assert sigma.shape == (2, 9, 9, 9) and bool((sigma >= 0).all())
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from holofusion.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("eval") / "data"
+    # 6 sequences: the procedural split then holds one test and one val object.
+    synthesize("apple", sequences=6, views=2, size=16, out=root, workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A random-weight tiny model saved as the trainer saves one (run folder with model + checkpoint)."""
+    cfg = resolve_config("tiny", ["apple", "donut"])
+    config = HoloDiffusionConfig.from_dict(cfg["model"])
+    model = HoloDiffusion(config)
+    with torch.no_grad():
+        # Raw density near 0 where the features are small: random features then cross the default level (ln 2
+        # per unit = softplus(0)), so samples have surfaces; the default bias -3 would leave every sample empty.
+        model.decoder.head.bias[0] = 0.0
+    run = tmp_path_factory.mktemp("eval") / "run"
+    run.mkdir()
+    info = {"step": 0, "categories": config.categories}
+    save_weights(run / "model.safetensors", model.state_dict(), "holodiffusion", config.to_dict(), info)
+    cfg["train"]["view_distance"] = 10.0
+    save_weights(run / "checkpoint.safetensors", {"x": torch.zeros(1)}, "holodiffusion-checkpoint", cfg, info)
+    return run
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_turntable_settings_come_from_the_run(run_dir, tmp_path):
+    assert turntable_settings(run_dir) == (10.0, 2.0, 20.0)
+    assert turntable_settings(run_dir / "model.safetensors") == (10.0, 2.0, 20.0)
+    lone = tmp_path / "m.safetensors"
+    shutil.copy(run_dir / "model.safetensors", lone)
+    assert turntable_settings(lone) == (9.0, 2.0, 20.0)  # the trainer's defaults
+
+
+def test_sample_cli_writes_grids_and_turntables_deterministically(run_dir, tmp_path, capsys):
+    args = ["sample", "--model", run_dir, "--category", "donut", "--steps", "2", "--views", "2", "--size", "16"]
+    code, out, _ = run_cli(capsys, *args, "--seed", "5", "--count", "2", "--out", tmp_path / "a")
+    assert code == 0
+    for seed in (5, 6):
+        for ext in ("safetensors", "png"):
+            path = tmp_path / "a" / f"donut_{seed}.{ext}"
+            assert path.is_file() and str(path) in out
+    code, _, _ = run_cli(capsys, *args, "--seed", "6", "--out", tmp_path / "b")
+    assert code == 0
+    a, b = tmp_path / "a" / "donut_6.safetensors", tmp_path / "b" / "donut_6.safetensors"
+    # Same seed, same grid bytes, whatever --count was. (Whole files may differ in the order of the metadata keys:
+    # safetensors keeps them in a hash map.)
+    tensors = load_file(str(a))
+    for name, t in load_file(str(b)).items():
+        assert t.numpy().tobytes() == tensors[name].numpy().tobytes()
+    assert read_metadata(a) == read_metadata(b)
+    assert tensors["latent"].shape == (8, 8, 8, 8) and tensors["features"].shape == (8, 8, 8, 8)
+    assert not torch.equal(tensors["latent"], load_file(str(tmp_path / "a" / "donut_5.safetensors"))["latent"])
+    meta = read_metadata(a)
+    assert meta["kind"] == "holodiffusion-sample"
+    info = meta["info"]
+    assert (info["seed"], info["steps"], info["sampler"], info["category"]) == (6, 2, "dpm++", "donut")
+    assert info["box_min"] == [-3.5] * 3 and info["box_max"] == [3.5] * 3 and info["model"] == str(run_dir.resolve())
+
+
+def test_evaluate_cli_writes_all_metrics(run_dir, dataset, tmp_path, capsys):
+    out = tmp_path / "m" / "eval.json"
+    code, text, _ = run_cli(capsys, "evaluate", "--model", run_dir, "--data", dataset, "--category", "apple",
+                            "--samples", "3", "--steps", "2", "--points", "64", "--lattice", "16", "--out", out)
+    assert code == 0, text
+    report = json.loads(out.read_text())
+    for key in ("model", "data", "category", "reference_split", "references", "samples", "points", "empty_samples",
+                "colour_weight", "coloured", "geometry", "diversity_ratio", "diversity_ratio_geometry", "fid", "kid",
+                "fid_note", "notes", "surface"):
+        assert key in report, key
+    for kind in ("coloured", "geometry"):
+        assert set(report[kind]) == {"cov", "mmd", "1nna", "diversity_ratio", "sample_pairwise",
+                                     "reference_pairwise"}
+    assert report["fid"] is None and report["fid_note"] == FID_NOTE
+    assert report["reference_split"] == "test" and report["references"] == 1 and report["samples"] == 3
+    assert report["empty_samples"] < 3 and report["geometry"]["mmd"] > 0  # the fixture's samples have surfaces
+    assert (tmp_path / "m" / "eval_samples.png").is_file()
+    assert "1-NNA" in text and "COV" in text
+    # Deterministic for a given seed.
+    run_cli(capsys, "evaluate", "--model", run_dir, "--data", dataset, "--category", "apple", "--samples", "3",
+            "--steps", "2", "--points", "64", "--lattice", "16", "--out", tmp_path / "again.json")
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["coloured"] == report["coloured"] and again["geometry"] == report["geometry"]
+
+
+def test_evaluate_falls_back_to_val_with_a_note(run_dir, dataset, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    lists = root / "apple" / "set_lists" / "set_lists_fewview_dev.json"
+    split = json.loads(lists.read_text())
+    split["train"] += split["test"]  # no test objects left; val stays
+    split["test"] = []
+    lists.write_text(json.dumps(split))
+    code, text, _ = run_cli(capsys, "evaluate", "--model", run_dir / "model.safetensors", "--data", root,
+                            "--category", "apple", "--samples", "2", "--steps", "1", "--points", "32", "--lattice",
+                            "8", "--out", tmp_path / "e.json")
+    assert code == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["reference_split"] == "val" and any("val split" in n for n in report["notes"])
+    assert "val split" in text
+
+
+@pytest.mark.parametrize("case", ["data-category", "text-model", "model-category", "inception", "not-safetensors"])
+def test_bad_inputs_exit_2_with_one_line(case, run_dir, dataset, tmp_path, capsys):
+    model = run_dir
+    category = "apple"
+    extra: list = []
+    if case == "data-category":
+        category = "donut"  # the model knows it; the data has only apple
+    elif case == "text-model":
+        model = tmp_path / "fake.safetensors"
+        model.write_text("this is not a weights file\n")
+    elif case == "not-safetensors":
+        model = tmp_path / "model.pt"
+        model.write_bytes(b"\x80\x04")
+    elif case == "model-category":
+        category = "hydrant"
+    elif case == "inception":
+        weights = tmp_path / "inception.safetensors"
+        weights.write_bytes(b"")
+        extra = ["--inception", weights]
+    code, out, err = run_cli(capsys, "evaluate", "--model", model, "--data", dataset, "--category", category,
+                             "--samples", "2", "--steps", "1", *extra)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("holofusion: error:"), err
+    if case == "inception":
+        assert "not supported in this version" in lines[0]
+    if case in ("model-category", "text-model"):
+        code, _, err = run_cli(capsys, "sample", "--model", model, "--category", category, "--out", tmp_path / "s")
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "s").exists()
