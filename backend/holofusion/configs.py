@@ -33,7 +33,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
             "render": {"n_coarse": 12, "n_fine": 6, "chunk_rays": 4096},
         },
         "train": {"image_size": 32, "n_source": 3, "n_target": 2, "rays_per_target": 96, "batch_scenes": 2,
-                  "latent_batch": 8, "ae_steps": 30, "latent_steps": 30, "bootstrap_steps": 10,
+                  "latent_batch": 8, "ae_steps": 30, "latent_steps": 30, "bootstrap_steps": 10, "warmup_steps": 5,
                   "cache_subsets": 2, "log_every": 5, "checkpoint_every": 20, "sample_every": 0,
                   "sample_seeds": 4, "sample_views": 2, "sample_steps": 5},
     },

@@ -176,7 +176,8 @@ class HoloDiffusion(nn.Module):
         v = self.unet(x_t, t, category)
         if guidance != 1.0 and category is not None:
             null = torch.full_like(category, self.config.unet.num_classes)
-            v = self.unet(x_t, t, null) + guidance * (v - self.unet(x_t, t, null))
+            v_null = self.unet(x_t, t, null)
+            v = v_null + guidance * (v - v_null)
         return self.schedule.x0_from_v(x_t, t, v)
 
     # ------------------------------------------------------------------ losses
@@ -298,7 +299,11 @@ def load_holodiffusion(path: str, device: str | torch.device = "cpu") -> HoloDif
     except (TypeError, ValueError) as e:
         raise UserError(f"{str(p)!r}: its stored config is not valid ({e})") from None
     model = HoloDiffusion(config).to(device)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1].strip() if len(str(e).strip().splitlines()) > 1 else str(e)
+        raise UserError(f"{str(p)!r}: its weights do not fit its stored config ({first})") from None
     model.eval()
     model.info = meta["info"]
     return model

@@ -1,0 +1,389 @@
+"""HoloDiffusion model and trainer on the tiny config: unprojection geometry, both bootstrap branches, a falling loss,
+bit-identical sampling, exact resume across a phase boundary, DDP = single process, and bad input through the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from holofusion.cameras import PerspectiveCamera
+from holofusion.configs import resolve_config
+from holofusion.errors import UserError
+from holofusion.holodiffusion import HoloDiffusion, HoloDiffusionConfig, load_holodiffusion
+from holofusion.nets.encoder import sample_views
+from holofusion.train import Trainer, step_generator
+from holofusion.weights import save_weights
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    from holofusion.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("hd") / "ds"
+    synthesize("apple", sequences=4, views=6, size=32, out=out, workers=1, progress=False)
+    return out
+
+
+def tiny_config(**train) -> dict:
+    cfg = resolve_config("tiny", ["apple"])
+    cfg["train"].update(train)
+    return cfg
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "backend"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def perturbed_model(seed: int = 0) -> HoloDiffusion:
+    """A tiny model whose weights (and latent normalisation) are pushed off their initial values, so that no
+    zero-initialised output layer makes the denoiser trivial."""
+    model = HoloDiffusion(HoloDiffusionConfig.from_dict(tiny_config()["model"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        model.latent_mean.copy_(0.1 * torch.randn(model.latent_mean.shape, generator=g))
+        model.latent_std.copy_(0.5 + torch.rand(model.latent_std.shape, generator=g))
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# encoder geometry
+
+
+def test_unprojection_reads_the_pixel_that_project_gives():
+    """A feature map whose channels are the image-pixel coordinates (u, v) of each map cell's centre is a linear
+    function of position, so bilinear reads at a projected point return that point's pixel coordinates exactly
+    (away from the border half-cell). A third channel holds the camera index, which checks the view order."""
+    H, W = 48, 64  # non-square image ...
+    h, w = 10, 20  # ... and a map of another aspect ratio, to catch a swapped axis or scale
+    B, V = 2, 3
+    g = torch.Generator().manual_seed(0)
+    eyes = torch.randn(B * V, 3, generator=g, dtype=torch.float64)
+    eyes = 6 * eyes / eyes.norm(dim=-1, keepdim=True)
+    cams = PerspectiveCamera.look_at(eyes, focal_length=torch.linspace(1.5, 2.5, B * V, dtype=torch.float64),
+                                     image_size_hw=(H, W), principal_point=0.1)
+    uu = (torch.arange(w, dtype=torch.float64) + 0.5) * W / w
+    vv = (torch.arange(h, dtype=torch.float64) + 0.5) * H / h
+    maps = torch.stack([uu.expand(h, w), vv[:, None].expand(h, w), torch.ones(h, w, dtype=torch.float64)])
+    maps = maps[None].repeat(B * V, 1, 1, 1)
+    maps[:, 2] *= torch.arange(B * V, dtype=torch.float64)[:, None, None]
+    points = 2.5 * (torch.rand(B, 400, 3, generator=g, dtype=torch.float64) * 2 - 1)  # different points per scene
+    points[0, 0] = 2 * eyes[0]  # behind camera 0 (the camera looks at the origin from eyes[0])
+
+    feats, valid = sample_views(maps, cams, points, V)
+    assert feats.shape == (B, V, 400, 3) and valid.shape == (B, V, 400)
+    uv, z = cams.project(points.repeat_interleave(V, 0), return_depth=True)
+    uv, z = uv.reshape(B, V, 400, 2), z.reshape(B, V, 400)
+    inner = ((uv[..., 0] > 0.5 * W / w + 1e-6) & (uv[..., 0] < W - 0.5 * W / w - 1e-6)
+             & (uv[..., 1] > 0.5 * H / h + 1e-6) & (uv[..., 1] < H - 0.5 * H / h - 1e-6) & (z > 0))
+    assert inner.float().mean() > 0.3  # the check covers many points
+    torch.testing.assert_close(feats[..., :2][inner], uv[inner], atol=1e-9, rtol=0)
+    index = torch.arange(B * V, dtype=torch.float64).reshape(B, V, 1).expand(B, V, 400)
+    torch.testing.assert_close(feats[..., 2], index, atol=1e-12, rtol=0)
+    inside = (uv >= 0).all(-1) & (uv[..., 0] <= W) & (uv[..., 1] <= H) & (z > 0)
+    assert torch.equal(valid.bool(), inside)
+    assert not bool(valid[0, 0, 0])  # behind the camera: projects somewhere, but must not count
+    assert (~inside).any()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# losses and training
+
+
+@pytest.fixture(scope="module")
+def trainer(dataset, tmp_path_factory) -> Trainer:
+    return Trainer(dataset, ["apple"], tiny_config(), tmp_path_factory.mktemp("run") / "t", progress=False)
+
+
+@pytest.mark.parametrize("branch", ["single", "double"])
+def test_both_bootstrap_branches_train_every_part(trainer, branch):
+    model = copy.deepcopy(trainer.model).train()
+    gen = step_generator(0, 0, 0)
+    images, cams, targets, cat = trainer.scene_batch(gen)
+    # latent_weight 0: whatever reaches the U-Net comes through the rendered, photometric path
+    loss, stats = model.bootstrap_loss(images, cams, targets, cat, gen, latent_weight=0.0, force_branch=branch)
+    assert stats["double"] == float(branch == "double")
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name in ("encoder", "decoder", "unet"):
+        params = list(getattr(model, name).named_parameters())
+        missing = [n for n, p in params if p.grad is None]
+        assert not missing, f"{name}: no gradient for {missing}"
+        total = sum(float(p.grad.abs().sum()) for _, p in params)
+        assert total > 0 and all(bool(torch.isfinite(p.grad).all()) for _, p in params), name
+
+
+def test_double_branch_differs_from_single(trainer):
+    model = copy.deepcopy(trainer.model)
+    batch = trainer.scene_batch(step_generator(0, 1, 0))
+    losses = {b: model.bootstrap_loss(*batch, step_generator(5, 5, 5), force_branch=b)[0].item()
+              for b in ("single", "double")}
+    assert losses["single"] != losses["double"]
+
+
+def test_tiny_config_loss_falls(dataset, tmp_path):
+    tr = Trainer(dataset, ["apple"], tiny_config(ae_steps=60), tmp_path / "run", progress=False)
+    losses = [tr.train_step()["loss"] for _ in range(60)]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.85 * first, f"autoencoder loss did not fall: first 10 steps {first:.4f}, last 10 {last:.4f}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sampling determinism
+
+
+SAMPLE_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from safetensors.torch import save_file
+    from holofusion.holodiffusion import load_holodiffusion
+    torch.set_num_threads(1)
+    model = load_holodiffusion(sys.argv[1])
+    save_file({"x": model.sample([3, 7], steps=6, sampler=sys.argv[3])}, sys.argv[2])
+""")
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "ancestral"])
+def test_same_seed_gives_a_bit_identical_grid(tmp_path, sampler):
+    model = perturbed_model()
+    a = model.sample([3, 7], steps=6, sampler=sampler)
+    b = model.sample([3, 7], steps=6, sampler=sampler)
+    assert a.shape == (2, 8, 8, 8, 8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])
+    torch.testing.assert_close(model.sample([7], steps=6, sampler=sampler)[0], a[1], atol=1e-5, rtol=1e-5)
+
+    # another model built from the same config + weights file
+    path = save_weights(tmp_path / "m.safetensors", model.state_dict(), "holodiffusion", model.config.to_dict())
+    twin = load_holodiffusion(str(path))
+    assert torch.equal(twin.sample([3, 7], steps=6, sampler=sampler), a)
+
+    # and in a fresh process
+    out = tmp_path / "x.safetensors"
+    subprocess.run([sys.executable, "-c", SAMPLE_SCRIPT, str(path), str(out), sampler], check=True,
+                   env=subprocess_env(), cwd=tmp_path, timeout=120)
+    assert torch.equal(load_file(str(out))["x"], a)
+
+
+def test_classifier_free_guidance_is_two_unet_calls():
+    cfg = resolve_config("tiny", ["apple", "donut"])
+    model = HoloDiffusion(HoloDiffusionConfig.from_dict(cfg["model"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    calls = []
+    model.unet.register_forward_hook(lambda module, inputs, output: calls.append(inputs[2].tolist()))
+    x = torch.randn(2, 8, 8, 8, 8, generator=g)
+    t = torch.tensor([100, 700])
+    cat = model.category_index(["donut", "apple"], 2)
+    with torch.no_grad():
+        guided = model.denoise(x, t, cat, guidance=3.0)
+        assert calls == [[1, 0], [2, 2]]  # conditional, then unconditional ("no category" = index 2), once each
+        v_c, v_u = model.unet(x, t, cat), model.unet(x, t, torch.full_like(cat, 2))
+    torch.testing.assert_close(guided, model.schedule.x0_from_v(x, t, v_u + 3.0 * (v_c - v_u)))
+    calls.clear()
+    with torch.no_grad():
+        model.denoise(x, t, cat, guidance=1.0)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="not one this model knows"):
+        model.category_index(["hydrant"], 1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _state(tr: Trainer) -> dict[str, torch.Tensor]:
+    s = {f"model.{k}": v for k, v in tr.model.state_dict().items()}
+    s.update({f"ema.{k}": v for k, v in tr.ema.state_dict().items()})
+    return s
+
+
+def _assert_same_state(a: Trainer, b: Trainer) -> None:
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"not bit-identical: {different[:5]}"
+    for pa, pb in zip(a.opt.state_dict()["state"].values(), b.opt.state_dict()["state"].values()):
+        for key in pa:
+            assert torch.equal(torch.as_tensor(pa[key]), torch.as_tensor(pb[key]))
+
+
+def test_resume_takes_exactly_the_uninterrupted_steps(dataset, tmp_path, monkeypatch):
+    """One run of 3 autoencoder + 4 latent + 3 bootstrap steps, saved at step 3 (the phase boundary: the latent cache
+    is not built yet) and at step 5 (mid latent phase: the cache is read back from disk); both resumes must reach
+    step 10 with bit-identical weights, EMA, optimizer state and losses. Sample sheets are drawn at each stop (their
+    sampling must not disturb training); the matplotlib loss curve (3 s a call here) is skipped."""
+    monkeypatch.setattr("holofusion.plots.loss_curve", lambda *args, **kwargs: None)
+    cfg = tiny_config(ae_steps=3, latent_steps=4, bootstrap_steps=3, checkpoint_every=1000, sample_seeds=2,
+                      sample_steps=2, sample_views=1, bootstrap_prob=0.5)
+    run = tmp_path / "run"
+    a = Trainer(dataset, ["apple"], cfg, run, progress=False)
+    a.fit(3)
+    shutil.copytree(run, tmp_path / "at3")
+    a.fit(5)
+    assert (run / "latents.safetensors").is_file()
+    shutil.copytree(run, tmp_path / "at5")
+    a.fit()
+    assert a.step == 10
+    phases = [int(h["phase"]) for h in a.history]
+    assert phases == [0] * 3 + [1] * 4 + [2] * 3
+    assert {h.get("double") for h in a.history[7:]} <= {0.0, 1.0}
+
+    for saved in (3, 5):
+        b = Trainer(dataset, ["cpu-config-is-ignored"], {}, tmp_path / f"at{saved}", resume=True, progress=False)
+        assert b.step == saved and b.config == a.config
+        b.fit()
+        assert b.step == 10
+        assert b.history == a.history, f"resumed at {saved}: losses differ"
+        _assert_same_state(a, b)
+        assert torch.equal(b.latents, a.latents)
+
+
+def test_resume_without_checkpoint_and_existing_run_folder_are_user_errors(dataset, tmp_path):
+    with pytest.raises(UserError, match="no checkpoint"):
+        Trainer(dataset, ["apple"], tiny_config(), tmp_path / "nothing", resume=True, progress=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_text("x")
+    with pytest.raises(UserError, match="already exists"):
+        Trainer(dataset, ["apple"], tiny_config(), tmp_path / "busy", progress=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DDP
+
+
+GLOO_PROBE = textwrap.dedent("""
+    import torch, torch.distributed as dist
+    dist.init_process_group("gloo")
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == dist.get_world_size()
+    dist.destroy_process_group()
+""")
+
+
+def _torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def test_ddp_two_processes_match_one_process(dataset, tmp_path):
+    """Two gloo ranks splitting micro_batches=2 take the same steps as one process doing both micro-batches, through
+    every phase (autoencoder, latent with its cache, bootstrap)."""
+    cfg = tmp_path / "ddp.json"
+    cfg.write_text(json.dumps({"base": "tiny", "train": {
+        "micro_batches": 2, "ae_steps": 2, "latent_steps": 2, "bootstrap_steps": 2, "warmup_steps": 1,
+        "checkpoint_every": 1000, "sample_seeds": 2, "sample_steps": 2, "sample_views": 1}}))
+    common = ["train", "holodiffusion", "--data", str(dataset), "--categories", "apple", "--config", str(cfg)]
+    env = subprocess_env()
+    single = subprocess.Popen([sys.executable, "-m", "holofusion.cli", *common, "--out", str(tmp_path / "one")],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ddp = subprocess.Popen(_torchrun(2, "-m", "holofusion.cli", *common, "--out", str(tmp_path / "two")),
+                           env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out1, err1 = single.communicate(timeout=300)
+    out2, err2 = ddp.communicate(timeout=300)
+    assert single.returncode == 0, err1
+    if ddp.returncode != 0:
+        probe = subprocess.run(_torchrun(2, str(_write(tmp_path / "probe.py", GLOO_PROBE))), env=env, cwd=tmp_path,
+                               capture_output=True, text=True, timeout=120)
+        if probe.returncode != 0:
+            pytest.skip(f"gloo cannot initialise two processes on this machine: {probe.stderr.strip()[-500:]}")
+        pytest.fail(f"the DDP run failed although gloo works:\n{err2[-4000:]}")
+    assert "step 6 of 6" in out1 and "step 6 of 6" in out2
+    one = load_file(str(tmp_path / "one" / "checkpoint.safetensors"))
+    two = load_file(str(tmp_path / "two" / "checkpoint.safetensors"))
+    assert one.keys() == two.keys()
+    moved = 0
+    init = HoloDiffusion(HoloDiffusionConfig.from_dict(resolve_config(str(cfg), ["apple"])["model"])).state_dict()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+        if k in init and not torch.equal(one[k], init[k]):
+            moved += 1
+    assert moved > 0.5 * len(init)  # the comparison is about trained weights, not untouched initial ones
+    lat1 = load_file(str(tmp_path / "one" / "latents.safetensors"))
+    lat2 = load_file(str(tmp_path / "two" / "latents.safetensors"))
+    torch.testing.assert_close(lat2["latents"], lat1["latents"], atol=1e-5, rtol=1e-5)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_input_through_the_cli_is_one_line_and_exit_2(dataset, tmp_path):
+    def config(name: str, content: dict) -> str:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(content))
+        return str(path)
+
+    cases = {
+        "missing category": (["--categories", "donut"], "no category donut"),
+        "unknown top-level key": (["--config", config("top", {"base": "tiny", "bogus": 1})], "bogus"),
+        "unknown train key": (["--config", config("train", {"base": "tiny", "train": {"bogus": 1}})], "bogus"),
+        "unknown model key": (["--config", config("model", {"base": "tiny", "model": {"unet": {"bogus": 1}}})],
+                              "bogus"),
+    }
+    procs = {}
+    for name, (args, _) in cases.items():
+        argv = {"--categories": "apple", "--config": "tiny"}
+        argv.update(dict(zip(args[::2], args[1::2])))
+        out = tmp_path / ("out-" + name.replace(" ", "-"))
+        cmd = [sys.executable, "-m", "holofusion.cli", "train", "holodiffusion", "--data", str(dataset),
+               "--out", str(out)] + [x for kv in argv.items() for x in kv]
+        procs[name] = (subprocess.Popen(cmd, env=subprocess_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True), out)
+    for name, (proc, out) in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        lines = stderr.splitlines()
+        assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{stderr}"
+        assert len(lines) == 1 and lines[0].startswith("holofusion: error: "), f"{name}: {stderr!r}"
+        assert cases[name][1] in lines[0], f"{name}: {lines[0]}"
+        assert not out.exists(), f"{name}: left a run folder behind"
+
+
+def test_load_holodiffusion_rejects_what_is_not_a_model(tmp_path):
+    junk = tmp_path / "model.safetensors"
+    junk.write_bytes(b"PK\x03\x04 this is a zip, not safetensors" * 10)
+    with pytest.raises(UserError, match="not a safetensors weights file"):
+        load_holodiffusion(str(junk))
+    with pytest.raises(UserError, match="not a safetensors weights file"):
+        load_holodiffusion(str(tmp_path))  # a folder: its model.safetensors
+    with pytest.raises(UserError, match="does not exist"):
+        load_holodiffusion(str(tmp_path / "nope.safetensors"))
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(UserError, match="not a HoloFusion model"):
+        load_holodiffusion(str(plain))
+    other = save_weights(tmp_path / "latents.safetensors", {"w": torch.zeros(2)}, "latent-cache", {})
+    with pytest.raises(UserError, match="not a HoloDiffusion model"):
+        load_holodiffusion(str(other))
+    broken = save_weights(tmp_path / "broken.safetensors", {"w": torch.zeros(2)}, "holodiffusion", {"bogus": 1})
+    with pytest.raises(UserError, match="stored config is not valid"):
+        load_holodiffusion(str(broken))
