@@ -18,7 +18,7 @@ Training objectives (see ``train.py`` for the schedule of phases):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch

@@ -26,13 +26,14 @@ into the lookup.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from holofusion.configbase import DictConfig
 from holofusion.grid import SampleMode, VoxelGrid, gather_trilinear
 from holofusion.nets.decoder import Decoder
 
@@ -66,7 +67,7 @@ rgb (R, S, 3) in [0, 1], features (R, S, F))."""
 
 
 @dataclass
-class RenderConfig:
+class RenderConfig(DictConfig):
     """How rays are sampled and composited."""
 
     n_coarse: int = 64
@@ -115,17 +116,7 @@ class RenderConfig:
                 f"RenderConfig needs min_near >= 0 and pdf_floor > 0, got {self.min_near}, {self.pdf_floor}"
             )
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RenderConfig:
-        """Build from a plain dict; unknown keys raise ValueError."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown RenderConfig option(s) {unknown}; accepted: {sorted(known)}")
-        return cls(**values)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

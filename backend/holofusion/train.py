@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .cameras import PerspectiveCamera, fly_around_cameras
+from .configbase import DictConfig
 from .configs import resolve_config
 from .data.co3d import Co3dDataset
 from .errors import UserError
@@ -49,7 +49,7 @@ LATENTS = "latents.safetensors"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
     """How HoloDiffusion is trained (see the module docstring for the phases)."""
 
     image_size: int = 64
@@ -109,13 +109,6 @@ class TrainConfig:
     view_elevation: float = 20.0
     """Elevation of the turntable renders in degrees."""
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown train option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**values)
 
     @property
     def total_steps(self) -> int:
@@ -167,7 +160,7 @@ class Trainer:
             self.cfg = TrainConfig.from_dict(config["train"])
         except (ValueError, TypeError) as e:
             raise UserError(f"bad config: {e}") from None
-        self.config = {"model": self.model_config.to_dict(), "train": asdict(self.cfg)}
+        self.config = {"model": self.model_config.to_dict(), "train": self.cfg.to_dict()}
         if self.cfg.micro_batches % self.world:
             raise UserError(f"micro_batches ({self.cfg.micro_batches}) must be divisible by the number of DDP "
                             f"processes ({self.world})")

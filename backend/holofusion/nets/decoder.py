@@ -21,18 +21,20 @@ via `holofusion.render.activate_density`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..configbase import DictConfig
+
 __all__ = ["DecoderConfig", "Decoder", "DecoderOutput", "harmonic_embedding"]
 
 
 @dataclass
-class DecoderConfig:
+class DecoderConfig(DictConfig):
     """Sizes and initialisation of the decoder MLP."""
 
     n_features_in: int = 64
@@ -64,17 +66,7 @@ class DecoderConfig:
                 f"DecoderConfig.view_hidden_dim must be >= 1 with view dependence, got {self.view_hidden_dim}"
             )
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> DecoderConfig:
-        """Build from a plain dict (e.g. safetensors metadata); unknown keys raise ValueError."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown DecoderConfig option(s) {unknown}; accepted: {sorted(known)}")
-        return cls(**values)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class DecoderOutput(NamedTuple):

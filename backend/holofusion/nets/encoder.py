@@ -11,20 +11,20 @@ collapse to the average, while a pass-through colour path keeps it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cameras import PerspectiveCamera
+from ..configbase import DictConfig
 
 __all__ = ["EncoderConfig", "Encoder", "sample_views"]
 
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(DictConfig):
     """Shape of the encoder."""
 
     channels: int = 16
@@ -50,16 +50,7 @@ class EncoderConfig:
         if self.cnn_layers < 2:
             raise ValueError(f"cnn_layers must be at least 2; got {self.cnn_layers}")
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> EncoderConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown encoder option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**values)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def sample_views(maps: Tensor, cameras: PerspectiveCamera, points: Tensor, views: int) -> tuple[Tensor, Tensor]:

@@ -9,18 +9,20 @@ once rather than voxel by voxel (the CPU trials' samples had mottled colours wit
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..configbase import DictConfig
+
 __all__ = ["UNet3DConfig", "UNet3D", "timestep_embedding"]
 
 
 @dataclass
-class UNet3DConfig:
+class UNet3DConfig(DictConfig):
     """Shape of the 3D U-Net."""
 
     in_channels: int = 16
@@ -51,13 +53,6 @@ class UNet3DConfig:
         if self.base_channels % 8:
             raise ValueError(f"base_channels must be a multiple of 8 (group norm); got {self.base_channels}")
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> UNet3DConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown UNet3D option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
