@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from holofusion.cameras import PerspectiveCamera
 from holofusion.data.co3d import Co3dDataset, load_frame_annotations, load_set_list, read_ply
 from holofusion.data.procedural import make_object, render_views, sequence_cameras
 from holofusion.data.synth import sequence_name, synthesize
