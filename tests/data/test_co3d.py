@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from holofusion.cameras import PerspectiveCamera
 from holofusion.data.co3d import (
     FRAME_TYPE_FOR_SPLIT,
@@ -28,6 +26,7 @@ from holofusion.data.co3d import (
     write_ply,
 )
 from holofusion.errors import DataError
+from PIL import Image
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 H, W = 40, 56  # deliberately not square: image.size is [H, W]
@@ -505,8 +504,6 @@ def test_real_co3d_portrait_photos(tmp_path):
     Every optical axis passes near the apple; after padding to a square and resizing, the corrected camera still
     projects the axes' meeting point inside the apple (its hand-marked box, mapped the same way)."""
     src = FIXTURES / "co3d-apple-real"
-    if not src.is_dir():
-        pytest.skip("real CO3D fixture not present")
     gt = np.load(src / "gt_cameras.npz")
     names = sorted(p.name for p in src.glob("frame*.jpg"))
     R, T = gt["gtR"].astype(np.float64), gt["gtT"].astype(np.float64)

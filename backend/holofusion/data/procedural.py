@@ -27,6 +27,7 @@ parts that few rays come near (a face, sprinkles, a chain) are evaluated only fo
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -316,7 +317,7 @@ def _bezier(p0, p1, p2, n: int) -> np.ndarray:
 
 # ====================================================================== categories (design frame: +Y up)
 
-class _Shape:
+class _Shape(ABC):
     """One category instance in its design frame. Subclasses draw their parameters from ``rng`` in ``__init__``."""
 
     bound_centre: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -337,12 +338,13 @@ class _Shape:
     def _gate(self, p: P3, bound: Tensor, fn, margin: float):
         return _gated(p, bound, fn, margin + self.gate_extra)
 
+    @abstractmethod
     def sdf(self, p: P3) -> Tensor:
-        raise NotImplementedError
+        """(N,) signed distance in design units, negative inside."""
 
+    @abstractmethod
     def albedo(self, p: P3) -> Tensor:
         """(N, 3) colour, meaningful on and near the surface."""
-        raise NotImplementedError
 
 
 class _Apple(_Shape):
