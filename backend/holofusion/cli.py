@@ -208,7 +208,7 @@ def _cmd_evaluate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="holofusion",
-                     description="HoloFusion generative 3D: datasets, training, sampling and the Blender backend.")
+                     description="HoloFusion generative 3D: datasets, training, sampling and evaluation.")
     parser.add_argument("--version", action="version", version=f"holofusion {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     _add_dataset(sub)
