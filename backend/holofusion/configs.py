@@ -29,7 +29,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
             "decoder": {"n_features_in": 8, "hidden_dim": 32, "n_hidden_layers": 2, "n_harmonics_dir": 2,
                         "view_hidden_dim": 16},
             "unet": {"in_channels": 8, "grid_size": 8, "base_channels": 16, "channel_mults": [1, 2],
-                     "res_blocks": 1, "attention_max_size": 4},
+                     "res_blocks": 1, "attention_max_size": 4, "global_context": True},
             "render": {"n_coarse": 12, "n_fine": 6, "chunk_rays": 4096},
         },
         "train": {"image_size": 32, "n_source": 3, "n_target": 2, "rays_per_target": 96, "batch_scenes": 2,
@@ -46,7 +46,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
             # base 16: a latent step at batch 16 takes about 1 s on 2 cores (base 32: 3.4 s); attention at 4^3
             # gives the global path that decides object-wide colour.
             "unet": {"in_channels": 16, "grid_size": 16, "base_channels": 16, "channel_mults": [1, 2, 4],
-                     "res_blocks": 1, "attention_max_size": 4},
+                     "res_blocks": 1, "attention_max_size": 4, "global_context": True},
             "render": _RENDER_FAST,
         },
         "train": {"image_size": 64, "n_source": 8, "n_target": 3, "rays_per_target": 256, "batch_scenes": 4,
