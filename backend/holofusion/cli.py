@@ -101,6 +101,9 @@ def _add_train(sub) -> None:
     h.add_argument("--max-steps", type=_positive_int("--max-steps"), default=None,
                    help="stop at this global step (the run can be resumed later)")
     h.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    h.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start from another run's trained autoencoder and latent cache (skips the autoencoder "
+                        "phase; the encoder, decoder and grid settings must match)")
     h.set_defaults(func=_cmd_train_holodiffusion)
 
 
@@ -108,7 +111,7 @@ def _cmd_train_holodiffusion(args) -> int:
     from .train import train_holodiffusion
 
     trainer = train_holodiffusion(args.data, args.categories, args.config, args.out, args.resume, args.max_steps,
-                                  args.device)
+                                  args.device, init_from=args.init_from)
     if trainer.rank == 0:
         print(f"step {trainer.step} of {trainer.cfg.total_steps}; run folder {args.out}")
     return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import os
 import time
 from dataclasses import dataclass
@@ -140,7 +141,7 @@ class Trainer:
     """Owns the model, the EMA denoiser, the optimizer and the data of one training run."""
 
     def __init__(self, data: str | os.PathLike, categories: list[str], config: dict[str, Any], out: str | os.PathLike,
-                 device: str = "cpu", resume: bool = False, progress: bool = True):
+                 device: str = "cpu", resume: bool = False, progress: bool = True, init_from: str | None = None):
         self.out = Path(out)
         self.device = torch.device(device)
         self.rank, self.world = _dist_info()
@@ -188,6 +189,8 @@ class Trainer:
         self.data_stats: dict[str, float] | None = None
         if resume:
             self._load()
+        elif init_from:
+            self._init_from(Path(init_from))
 
     # ------------------------------------------------------------------ data
     def scene_batch(self, gen: torch.Generator) -> tuple[Tensor, PerspectiveCamera, Targets, Tensor | None]:
@@ -370,6 +373,29 @@ class Trainer:
             if (self.out / LATENTS).is_file():
                 self.build_latent_cache()  # reads the cached file
 
+    def _init_from(self, source: Path) -> None:
+        """Starts from another run's trained autoencoder (encoder + decoder) and its latent cache: a new denoiser
+        can then be compared with the old one on the same latent space without repeating the autoencoder phase."""
+        path = source / CHECKPOINT
+        if not path.is_file():
+            raise UserError(f"--init-from: {str(source)!r} holds no {CHECKPOINT}")
+        state, meta = load_weights(path, self.device)
+        theirs, ours = dict(meta["config"]["model"]), self.model_config.to_dict()
+        for cfg in (theirs, ours):
+            cfg.pop("unet", None)
+        if theirs != ours:
+            diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+            raise UserError(f"--init-from: {str(source)!r} has a different encoder/decoder/grid ({', '.join(diff)})")
+        if meta["info"].get("step", 0) < meta["config"]["train"]["ae_steps"]:
+            raise UserError(f"--init-from: {str(source)!r} has not finished its autoencoder phase yet")
+        keep = {k: v for k, v in state.items() if k.startswith(("encoder.", "decoder."))}
+        self.model.load_state_dict(keep, strict=False)
+        self.step = self.cfg.ae_steps
+        if (source / LATENTS).is_file() and self.rank == 0:
+            shutil.copyfile(source / LATENTS, self.out / LATENTS)
+        if self.rank == 0:
+            (self.out / "init_from.json").write_text(json.dumps({"source": str(source), "step": meta["info"]["step"]}))
+
     # ------------------------------------------------------------------ pictures
     def write_pictures(self) -> None:
         if self.rank != 0:
@@ -479,7 +505,8 @@ def _spread(rgb: Tensor, alpha: Tensor) -> dict[str, float]:
 
 
 def train_holodiffusion(data: str, categories: str, config: str, out: str, resume: bool = False,
-                        max_steps: int | None = None, device: str = "cpu", progress: bool = True) -> Trainer:
+                        max_steps: int | None = None, device: str = "cpu", progress: bool = True,
+                        init_from: str | None = None) -> Trainer:
     """The `holofusion train holodiffusion` command (also usable from Python)."""
     cats = [c.strip() for c in categories.split(",") if c.strip()]
     if not cats:
@@ -500,7 +527,7 @@ def train_holodiffusion(data: str, categories: str, config: str, out: str, resum
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     cfg = resolve_config(config, cats) if not resume or not (Path(out) / CHECKPOINT).is_file() else None
-    trainer = Trainer(data, cats, cfg or {}, out, device, resume, progress)
+    trainer = Trainer(data, cats, cfg or {}, out, device, resume, progress, init_from)
     trainer.fit(max_steps)
     if dist.is_initialized():
         dist.barrier()

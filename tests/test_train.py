@@ -1,0 +1,45 @@
+"""Trainer features beyond the core step: branching a run from another run's autoencoder (--init-from)."""
+
+import json
+
+import pytest
+import torch
+
+from holofusion.data.synth import synthesize
+from holofusion.errors import UserError
+from holofusion.train import CHECKPOINT, LATENTS, train_holodiffusion
+from holofusion.weights import load_weights
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("initfrom")
+    data = synthesize("apple", sequences=4, views=6, size=32, out=root / "data", workers=1, progress=False)
+    run = root / "source"
+    train_holodiffusion(str(data), "apple", "tiny", str(run), max_steps=31, progress=False)  # 30 AE steps + 1
+    return data, run
+
+
+def test_init_from_takes_the_autoencoder_and_latent_cache(source_run, tmp_path):
+    data, src = source_run
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"base": "tiny", "model": {"unet": {"global_context": False, "base_channels": 8}}}))
+    t = train_holodiffusion(str(data), "apple", str(cfg), str(tmp_path / "branch"), max_steps=32, progress=False,
+                            init_from=str(src))
+    assert t.step == 32  # started at the end of the autoencoder phase (30) and took two latent steps
+    theirs, _ = load_weights(src / CHECKPOINT)
+    ours, _ = load_weights(tmp_path / "branch" / CHECKPOINT)
+    for k, v in theirs.items():
+        if k.startswith(("encoder.", "decoder.")):
+            assert torch.equal(v, ours[k]), k  # the latent phase does not train them
+    assert (tmp_path / "branch" / LATENTS).read_bytes() == (src / LATENTS).read_bytes()
+    assert ours["unet.conv_in.weight"].shape[0] == 8  # the new denoiser's own shape
+
+
+def test_init_from_refuses_a_different_autoencoder(source_run, tmp_path):
+    data, src = source_run
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"base": "tiny", "model": {"box_half_size": 2.0}}))
+    with pytest.raises(UserError, match="box_half_size"):
+        train_holodiffusion(str(data), "apple", str(cfg), str(tmp_path / "branch"), progress=False,
+                            init_from=str(src))
