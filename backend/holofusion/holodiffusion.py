@@ -260,7 +260,8 @@ class HoloDiffusion(nn.Module):
                sampler: str = "dpm++", guidance: float = 1.0, callback: StepCallback | None = None) -> Tensor:
         """Samples one normalised latent per seed: (len(seeds), C, S, S, S). Object i depends on seeds[i] alone.
 
-        Use ``denormalize`` (or ``render_latent``) to render the result.
+        ``sampler="ancestral"`` with ``steps=1000`` is the original release's sampler. Use ``denormalize`` to turn
+        the result into a grid the decoder renders.
         """
         n = len(seeds)
         if isinstance(categories, str) or categories is None:
@@ -273,7 +274,6 @@ class HoloDiffusion(nn.Module):
         def denoise(x_t: Tensor, t: Tensor) -> Tensor:
             return self.denoise(x_t, t, cat, guidance)
 
-        steps = self.schedule.num_steps if sampler == "ancestral" and steps is None else steps
         return sample(denoise, x, self.schedule, sampler, steps, gens, callback)
 
 
