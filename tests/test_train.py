@@ -43,3 +43,23 @@ def test_init_from_refuses_a_different_autoencoder(source_run, tmp_path):
     with pytest.raises(UserError, match="box_half_size"):
         train_holodiffusion(str(data), "apple", str(cfg), str(tmp_path / "branch"), progress=False,
                             init_from=str(src))
+
+
+def test_autoencoder_latent_noise_is_seeded_and_off_by_default(source_run):
+    from holofusion.holodiffusion import load_holodiffusion
+    from holofusion.train import Trainer, step_generator
+
+    data, src = source_run
+    t = Trainer(str(data), ["apple"], {}, str(src), resume=True, progress=False)
+    images, cams, targets, _ = t.scene_batch(step_generator(0, 0, 0))
+    m = load_holodiffusion(str(src))
+
+    def loss(noise: float, seed: int) -> float:
+        with torch.no_grad():
+            return m.autoencoder_loss(images, cams, targets, None if noise == 0 else
+                                      torch.Generator().manual_seed(seed), 0.1, noise)[0].item()
+
+    clean = loss(0.0, 0)
+    assert loss(0.3, 1) == loss(0.3, 1) != clean  # seeded, and it does change the grid that is rendered
+    with pytest.raises(ValueError, match="generator"):
+        m.autoencoder_loss(images, cams, targets, None, 0.1, 0.3)

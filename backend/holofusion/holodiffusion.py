@@ -198,8 +198,16 @@ class HoloDiffusion(nn.Module):
         return loss, stats
 
     def autoencoder_loss(self, images: Tensor, cameras: PerspectiveCamera, targets: Targets,
-                         generator: torch.Generator | None, mask_weight: float = 0.1) -> tuple[Tensor, dict]:
+                         generator: torch.Generator | None, mask_weight: float = 0.1,
+                         latent_noise: float = 0.0) -> tuple[Tensor, dict]:
+        """Photometric loss of the encoder's own grid. ``latent_noise`` adds Gaussian noise of that std (in the
+        encoder's [-1, 1] units) to the grid first, so the decoder learns to render slightly-off grids, like the
+        denoiser's outputs, as clean objects instead of colour speckles."""
         z = self.encode(images, cameras)
+        if latent_noise > 0:
+            if generator is None:
+                raise ValueError("latent_noise > 0 draws noise: pass a generator")
+            z = z + latent_noise * torch.randn(z.shape, generator=generator).to(z.device)
         return self.photometric_loss(z, targets, generator, mask_weight)
 
     def latent_loss(self, x0: Tensor, category: Tensor | None, generator: torch.Generator) -> tuple[Tensor, dict]:

@@ -86,6 +86,9 @@ class TrainConfig(DictConfig):
     cache_subsets: int = 4
     """Encoder grids cached per training object (each from a different random set of source views)."""
     mask_weight: float = 0.1
+    ae_latent_noise: float = 0.0
+    """Std of Gaussian noise added to the encoder's grid in the autoencoder phase (see
+    ``HoloDiffusion.autoencoder_loss``); 0 trains on clean grids."""
     bootstrap_prob: float = 0.5
     """Probability of the second (bootstrapped) denoising pass."""
     bootstrap_latent_weight: float = 1.0
@@ -292,7 +295,7 @@ class Trainer:
             return m.latent_loss(x0, cat, gen)
         images, cams, targets, cat = self.scene_batch(gen)
         if phase == "autoencoder":
-            return m.autoencoder_loss(images, cams, targets, gen, cfg.mask_weight)
+            return m.autoencoder_loss(images, cams, targets, gen, cfg.mask_weight, cfg.ae_latent_noise)
         return m.bootstrap_loss(images, cams, targets, cat, gen, cfg.mask_weight, cfg.bootstrap_prob,
                                 cfg.bootstrap_latent_weight)
 
