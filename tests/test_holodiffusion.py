@@ -309,9 +309,10 @@ def test_ddp_two_processes_match_one_process(dataset, tmp_path):
     if ddp.returncode != 0:
         probe = subprocess.run(_torchrun(2, str(_write(tmp_path / "probe.py", GLOO_PROBE))), env=env, cwd=tmp_path,
                                capture_output=True, text=True, timeout=120)
-        if probe.returncode != 0:
-            pytest.skip(f"gloo cannot initialise two processes on this machine: {probe.stderr.strip()[-500:]}")
-        pytest.fail(f"the DDP run failed although gloo works:\n{err2[-4000:]}")
+        # DDP on gloo is a promised feature: a failure fails, and the probe only says where to look.
+        where = ("gloo itself cannot start two processes here: " + probe.stderr.strip()[-500:]
+                 if probe.returncode != 0 else "gloo works, so the trainer's DDP path is broken")
+        pytest.fail(f"the DDP run failed ({where}):\n{err2[-4000:]}")
     assert "step 6 of 6" in out1 and "step 6 of 6" in out2
     one = load_file(str(tmp_path / "one" / "checkpoint.safetensors"))
     two = load_file(str(tmp_path / "two" / "checkpoint.safetensors"))
