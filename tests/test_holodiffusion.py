@@ -203,7 +203,7 @@ def test_classifier_free_guidance_is_two_unet_calls():
         guided = model.denoise(x, t, cat, guidance=3.0)
         assert calls == [[1, 0], [2, 2]]  # conditional, then unconditional ("no category" = index 2), once each
         v_c, v_u = model.unet(x, t, cat), model.unet(x, t, torch.full_like(cat, 2))
-    torch.testing.assert_close(guided, model.schedule.x0_from_v(x, t, v_u + 3.0 * (v_c - v_u)))
+    torch.testing.assert_close(guided, model.project_global(model.schedule.x0_from_v(x, t, v_u + 3.0 * (v_c - v_u))))
     calls.clear()
     with torch.no_grad():
         model.denoise(x, t, cat, guidance=1.0)

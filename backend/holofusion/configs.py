@@ -25,7 +25,8 @@ BUILTIN: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": {
             "grid_size": 8, "box_half_size": 3.5,
-            "encoder": {"channels": 8, "cnn_width": 16, "cnn_layers": 3, "feature_dim": 16, "refine_layers": 1},
+            "encoder": {"channels": 8, "global_channels": 2, "cnn_width": 16, "cnn_layers": 3, "feature_dim": 16,
+                        "refine_layers": 1},
             "decoder": {"n_features_in": 8, "hidden_dim": 32, "n_hidden_layers": 2, "n_harmonics_dir": 2,
                         "view_hidden_dim": 16},
             "unet": {"in_channels": 8, "grid_size": 8, "base_channels": 16, "channel_mults": [1, 2],
@@ -40,7 +41,10 @@ BUILTIN: dict[str, dict[str, Any]] = {
     "cpu": {
         "model": {
             "grid_size": 16, "box_half_size": 3.5,
-            "encoder": {"channels": 16, "cnn_width": 32, "cnn_layers": 4, "feature_dim": 32, "refine_layers": 1},
+            # 9 learned local channels, 4 per-object global channels (object-wide colour: see nets/encoder.py),
+            # 3 raw-colour channels.
+            "encoder": {"channels": 16, "global_channels": 4, "cnn_width": 32, "cnn_layers": 4, "feature_dim": 32,
+                        "refine_layers": 1},
             "decoder": {"n_features_in": 16, "hidden_dim": 64, "n_hidden_layers": 2, "n_harmonics_dir": 2,
                         "view_hidden_dim": 16},
             # base 16: a latent step at batch 16 takes about 1 s on 2 cores (base 32: 3.4 s); attention at 4^3
@@ -50,7 +54,10 @@ BUILTIN: dict[str, dict[str, Any]] = {
             "render": _RENDER_FAST,
         },
         "train": {"image_size": 64, "n_source": 8, "n_target": 3, "rays_per_target": 256, "batch_scenes": 4,
-                  "latent_batch": 16, "ae_steps": 1500, "latent_steps": 30000, "bootstrap_steps": 2000,
+                  "latent_batch": 16, "ae_steps": 2000, "latent_steps": 30000, "bootstrap_steps": 2000,
+                  # Noise on the autoencoder's grids teaches the decoder to render slightly-off grids (what the
+                  # denoiser makes) cleanly, and pushes object-wide colour into the noise-robust global code.
+                  "ae_latent_noise": 0.15, "latent_lr": 3e-4,
                   "cache_subsets": 4, "log_every": 20, "checkpoint_every": 250, "sample_every": 1000},
     },
     "paper": {

@@ -178,7 +178,19 @@ class HoloDiffusion(nn.Module):
             null = torch.full_like(category, self.config.unet.num_classes)
             v_null = self.unet(x_t, t, null)
             v = v_null + guidance * (v - v_null)
-        return self.schedule.x0_from_v(x_t, t, v)
+        return self.project_global(self.schedule.x0_from_v(x_t, t, v))
+
+    def project_global(self, x: Tensor) -> Tensor:
+        """Replaces the per-object global channels (if any) by their mean over the grid.
+
+        Clean latents hold one value per object there; a denoiser's estimate is noisy voxel by voxel, but its mean
+        over S^3 voxels is not, so the projection gives every voxel the same object-wide code (one colour for the
+        whole apple instead of patches)."""
+        g = self.config.encoder.global_slice()
+        if g.start == g.stop:
+            return x
+        mean = x[:, g].mean(dim=(2, 3, 4), keepdim=True).expand_as(x[:, g])
+        return torch.cat([x[:, :g.start], mean, x[:, g.stop:]], 1)
 
     # ------------------------------------------------------------------ losses
     def photometric_loss(self, z: Tensor, targets: Targets, generator: torch.Generator | None,
@@ -207,7 +219,12 @@ class HoloDiffusion(nn.Module):
         if latent_noise > 0:
             if generator is None:
                 raise ValueError("latent_noise > 0 draws noise: pass a generator")
-            z = z + latent_noise * torch.randn(z.shape, generator=generator).to(z.device)
+            noise = torch.randn(z.shape, generator=generator)
+            g = self.config.encoder.global_slice()
+            # The global channels get one draw per object and channel, so they stay constant over the grid, as
+            # they are in every grid the denoiser produces.
+            noise[:, g] = noise[:, g, :1, :1, :1].expand_as(noise[:, g])
+            z = z + latent_noise * noise.to(z.device)
         return self.photometric_loss(z, targets, generator, mask_weight)
 
     def latent_loss(self, x0: Tensor, category: Tensor | None, generator: torch.Generator) -> tuple[Tensor, dict]:
@@ -243,7 +260,7 @@ class HoloDiffusion(nn.Module):
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         x_t = self.schedule.q_sample(x0, t, noise)
         v = self.unet(x_t, t, category)
-        x0_hat = self.schedule.x0_from_v(x_t, t, v)
+        x0_hat = self.project_global(self.schedule.x0_from_v(x_t, t, v))
         double = bool(torch.rand((), generator=generator) < bootstrap_prob)
         if force_branch is not None:
             double = force_branch == "double"

@@ -7,6 +7,14 @@ their mean and spread (standard deviation) over views, mapped linearly, refined 
 squashed by tanh into the learned channels. A few more channels carry the *view-averaged raw colour* straight through
 (scaled to [-1, 1]): the CPU trials showed that with every channel learned, the photometric loss alone lets colour
 collapse to the average, while a pass-through colour path keeps it.
+
+Optionally, ``global_channels`` hold one code per object, the same value in every voxel: an attention-weighted mean of
+the pooled features over the grid, mapped linearly and squashed by tanh. They exist for the diffusion model: an
+object-wide property such as an apple's colour sits in a few numbers instead of being spread over thousands of voxels
+that a denoiser must agree on (without them, samples came out in mottled patches of every apple colour). The model
+keeps them constant when it denoises (``HoloDiffusion.project_global``).
+
+Channel order: [learned local | global | raw colour].
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ class EncoderConfig(DictConfig):
     """Grid channels C in all, including the raw-colour ones."""
     raw_color_channels: int = 3
     """Channels (0 or 3, the last ones of the grid) holding the view-averaged RGB, scaled to [-1, 1]."""
+    global_channels: int = 0
+    """Channels (just before the raw-colour ones) holding one per-object code broadcast over the grid; 0 = none."""
     cnn_width: int = 32
     """Channels of the 2D CNN's hidden layers."""
     cnn_layers: int = 4
@@ -45,8 +55,20 @@ class EncoderConfig(DictConfig):
     def __post_init__(self) -> None:
         if self.raw_color_channels not in (0, 3):
             raise ValueError(f"raw_color_channels must be 0 or 3; got {self.raw_color_channels}")
-        if self.channels <= self.raw_color_channels:
-            raise ValueError(f"channels ({self.channels}) must exceed raw_color_channels ({self.raw_color_channels})")
+        if self.global_channels < 0:
+            raise ValueError(f"global_channels must be >= 0; got {self.global_channels}")
+        if self.channels <= self.raw_color_channels + self.global_channels:
+            raise ValueError(f"channels ({self.channels}) must exceed raw_color_channels + global_channels "
+                             f"({self.raw_color_channels} + {self.global_channels})")
+
+    @property
+    def local_channels(self) -> int:
+        """Learned per-voxel channels (the first ones of the grid)."""
+        return self.channels - self.raw_color_channels - self.global_channels
+
+    def global_slice(self) -> slice:
+        """Where the per-object global channels sit in the grid's channel axis."""
+        return slice(self.local_channels, self.local_channels + self.global_channels)
         if self.cnn_layers < 2:
             raise ValueError(f"cnn_layers must be at least 2; got {self.cnn_layers}")
 
@@ -96,8 +118,13 @@ class Encoder(nn.Module):
             c = out
         self.cnn = nn.Sequential(*layers)
         pooled = 2 * (cfg.feature_dim + 3)  # mean and spread of CNN features and raw RGB
-        learned = cfg.channels - cfg.raw_color_channels
+        learned = cfg.local_channels
         self.proj = nn.Conv3d(pooled, learned, 1)
+        if cfg.global_channels:
+            # Attention pooling over voxels: a score per voxel (the object's voxels, seen consistently by every view,
+            # can stand out from empty space), softmax over the grid, then a linear map of the weighted mean.
+            self.global_score = nn.Conv3d(pooled, 1, 1)
+            self.global_proj = nn.Linear(pooled, cfg.global_channels)
         self.refine = nn.ModuleList(
             nn.Sequential(nn.Conv3d(learned, learned, 3, padding=1), nn.SiLU(), nn.Conv3d(learned, learned, 3, padding=1))
             for _ in range(cfg.refine_layers))
@@ -134,6 +161,10 @@ class Encoder(nn.Module):
         for block in self.refine:
             h = h + block(h)
         h = torch.tanh(h)
+        if self.config.global_channels:
+            weights = torch.softmax(self.global_score(pooled).flatten(2), -1)  # (B, 1, S^3)
+            code = torch.tanh(self.global_proj((pooled.flatten(2) * weights).sum(-1)))  # (B, G)
+            h = torch.cat([h, code[:, :, None, None, None].expand(-1, -1, s, s, s)], 1)
         if self.config.raw_color_channels:
             rgb = mean[..., -3:].transpose(1, 2).reshape(b, 3, s, s, s)
             h = torch.cat([h, rgb * 2 - 1], 1)
