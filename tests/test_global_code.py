@@ -85,3 +85,16 @@ def test_autoencoder_noise_is_one_draw_per_object_on_the_code():
 def test_channel_budget_is_checked(channels, raw, glob):
     with pytest.raises(ValueError, match="global_channels"):
         EncoderConfig(channels=channels, raw_color_channels=raw, global_channels=glob)
+
+
+def test_colour_noise_hits_the_raw_colour_channels_only():
+    model = _model()
+    seen = {}
+    model.photometric_loss = lambda z, *a, **k: (seen.setdefault("z", z.detach()), (z.sum() * 0, {}))[1]
+    red, cams = _views((0.8, 0.1, 0.1))
+    model.autoencoder_loss(red[None], cams, None, torch.Generator().manual_seed(0), latent_noise=0.05,
+                           colour_noise=0.5)
+    with torch.no_grad():
+        delta = seen["z"] - model.encode(red[None], cams)
+    local, colour = delta[:, :3].std(), delta[:, -3:].std()
+    assert 0.03 < float(local) < 0.07 and 0.4 < float(colour) < 0.6

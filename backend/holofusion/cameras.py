@@ -31,6 +31,7 @@ __all__ = [
     "PerspectiveCamera",
     "WORLD_UP",
     "fly_around_cameras",
+    "look_at_cameras_on_sphere",
     "sample_orbit_cameras",
 ]
 
@@ -494,6 +495,26 @@ def fly_around_cameras(n: int, distance: float = 10.0, elevation_deg: float = 30
     el = torch.full((n,), math.radians(elevation_deg), dtype=dtype)
     eyes = _eyes(az, el, torch.full((n,), float(distance), dtype=dtype), up, at)
     return PerspectiveCamera.look_at(eyes, at, up, focal_length, image_size_hw)
+
+
+def look_at_cameras_on_sphere(n: int, distance: float, focal_length: float, image_size_hw=(128, 128),
+                              elevation_range_deg=(-5.0, 50.0), at=(0.0, 0.0, 0.0), up=WORLD_UP,
+                              dtype: torch.dtype = torch.float32) -> PerspectiveCamera:
+    """``n`` cameras spread evenly over the band of the sphere between two elevations, looking at ``at``.
+
+    A Fibonacci spiral: camera i sits at the height that splits the band's area into equal parts (uniform in
+    sin(elevation)) and turns by the golden angle from the previous one, so any number of views covers the band
+    without clusters or gaps.
+    """
+    if n <= 0:
+        raise ValueError(f"need at least one camera; got n={n}")
+    lo, hi = (math.sin(math.radians(e)) for e in elevation_range_deg)
+    i = torch.arange(n, dtype=torch.float64)
+    el = torch.asin(lo + (hi - lo) * (i + 0.5) / n)
+    az = (i * math.pi * (3.0 - math.sqrt(5.0))) % (2 * math.pi)
+    eyes = _eyes(az.to(dtype), el.to(dtype), torch.full((n,), float(distance), dtype=dtype), up, (0.0, 0.0, 0.0))
+    target = _as_tensor(at, dtype).reshape(1, 3)
+    return PerspectiveCamera.look_at(eyes + target, target.expand(n, 3), up, focal_length, image_size_hw)
 
 
 def sample_orbit_cameras(n: int, generator: torch.Generator, distance_range=(8.0, 12.0),

@@ -86,7 +86,8 @@ def _cmd_dataset_preview(args) -> int:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train models", description="Train HoloFusion's models.")
-    tsub = p.add_subparsers(dest="train_command", metavar="{holodiffusion}", required=True, parser_class=_Parser)
+    tsub = p.add_subparsers(dest="train_command", metavar="{holodiffusion,superres}", required=True,
+                            parser_class=_Parser)
     h = tsub.add_parser("holodiffusion", help="train the 3D diffusion model from posed images",
                         description="Train HoloDiffusion on CO3Dv2-format data: an autoencoder warm-up, latent "
                                     "diffusion on cached encoder grids, then the paper's bootstrapped photometric "
@@ -105,6 +106,24 @@ def _add_train(sub) -> None:
                    help="start from another run's trained autoencoder and latent cache (skips the autoencoder "
                         "phase; the encoder, decoder and grid settings must match)")
     h.set_defaults(func=_cmd_train_holodiffusion)
+    r = tsub.add_parser("superres", help="train the 2D super-resolution model on a trained HoloDiffusion model",
+                        description="Train HoloFusion's super-resolution diffusion model: it learns to turn "
+                                    "low-resolution renders of the HoloDiffusion model's own denoised grids of "
+                                    "training objects into the real high-resolution images. Training pairs are "
+                                    "rendered once and cached in --out; checkpoints, a loss curve (loss.png) and "
+                                    "sample sheets (samples.png: coarse | super-resolved | real) are written there; "
+                                    "--resume continues exactly.")
+    r.add_argument("--holodiffusion", required=True, metavar="RUN",
+                   help="trained HoloDiffusion run folder or model file whose renders it learns to repair")
+    r.add_argument("--data", required=True, help="CO3Dv2-format dataset root (the categories of that model)")
+    r.add_argument("--config", default="cpu", help="built-in config (tiny, cpu, paper) or a JSON file "
+                                                   "(default: cpu)")
+    r.add_argument("--out", required=True, help="run folder for checkpoints, curves and sample sheets")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--max-steps", type=_positive_int("--max-steps"), default=None,
+                   help="stop at this step (the run can be resumed later)")
+    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    r.set_defaults(func=_cmd_train_superres)
 
 
 def _cmd_train_holodiffusion(args) -> int:
@@ -114,6 +133,15 @@ def _cmd_train_holodiffusion(args) -> int:
                                   args.device, init_from=args.init_from)
     if trainer.rank == 0:
         print(f"step {trainer.step} of {trainer.cfg.total_steps}; run folder {args.out}")
+    return 0
+
+
+def _cmd_train_superres(args) -> int:
+    from .train_superres import train_superres
+
+    trainer = train_superres(args.holodiffusion, args.data, args.config, args.out, args.resume, args.max_steps,
+                             args.device)
+    print(f"step {trainer.step} of {trainer.cfg.total_steps}; run folder {args.out}")
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import UserError
 
-__all__ = ["BUILTIN", "resolve_config"]
+__all__ = ["BUILTIN", "SUPERRES_BUILTIN", "resolve_config"]
 
 _RENDER_FAST = {"n_coarse": 24, "n_fine": 12, "chunk_rays": 1024}
 
@@ -77,6 +77,28 @@ BUILTIN: dict[str, dict[str, Any]] = {
 }
 
 
+# The super-resolution stage (``holofusion train superres``): {"model": SuperResConfig, "train": SuperResTrainConfig}.
+# ``cpu`` upsamples 32 px renders of the cpu HoloDiffusion model to 64 px, 2x; ``paper`` is the paper's 64 -> 256 px.
+SUPERRES_BUILTIN: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "model": {"low_size": 8, "high_size": 16, "block_channels": [16, 32], "layers_per_block": 1},
+        "train": {"steps": 40, "batch": 4, "cache_views": 2, "n_source": 3, "warmup_steps": 5, "log_every": 5,
+                  "checkpoint_every": 20, "sample_every": 0, "sample_views": 3, "sample_steps": 4},
+    },
+    "cpu": {
+        "model": {"low_size": 32, "high_size": 64, "block_channels": [32, 64, 64], "layers_per_block": 1},
+        "train": {"steps": 6000, "batch": 8, "cache_views": 8, "n_source": 8, "log_every": 20,
+                  "checkpoint_every": 250, "sample_every": 1000},
+    },
+    "paper": {
+        "model": {"low_size": 64, "high_size": 256, "block_channels": [64, 128, 256, 256], "layers_per_block": 2,
+                  "attention": True, "norm_groups": 32},
+        "train": {"steps": 100000, "batch": 16, "cache_views": 16, "n_source": 16, "log_every": 50,
+                  "checkpoint_every": 1000, "sample_every": 5000},
+    },
+}
+
+
 def _merge(base: dict, override: dict, where: str) -> dict:
     out = copy.deepcopy(base)
     for k, v in override.items():
@@ -87,17 +109,20 @@ def _merge(base: dict, override: dict, where: str) -> dict:
     return out
 
 
-def resolve_config(name_or_file: str, categories: list[str] | None = None) -> dict[str, Any]:
+def resolve_config(name_or_file: str, categories: list[str] | None = None,
+                   builtins: dict[str, dict[str, Any]] = BUILTIN) -> dict[str, Any]:
     """A built-in name or a JSON file -> the full ``{"model", "train"}`` dict (validated by the caller's dataclasses).
 
-    ``categories`` fills the model's category list and class count (conditioning on when more than one).
+    ``categories`` fills a HoloDiffusion model's category list and class count (conditioning on when more than
+    one). ``builtins``: the named configs of the stage (``BUILTIN`` or ``SUPERRES_BUILTIN``).
     """
-    if name_or_file in BUILTIN:
-        cfg = copy.deepcopy(BUILTIN[name_or_file])
+    if name_or_file in builtins:
+        cfg = copy.deepcopy(builtins[name_or_file])
     else:
         path = Path(name_or_file)
         if not path.is_file():
-            raise UserError(f"--config {name_or_file!r} is neither a built-in config ({', '.join(BUILTIN)}) nor a file")
+            raise UserError(f"--config {name_or_file!r} is neither a built-in config ({', '.join(builtins)}) nor a "
+                            "file")
         try:
             user = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -108,9 +133,9 @@ def resolve_config(name_or_file: str, categories: list[str] | None = None) -> di
         if unknown:
             raise UserError(f"{name_or_file}: unknown key(s) {', '.join(unknown)}; accepted: base, model, train")
         base = user.get("base", "cpu")
-        if base not in BUILTIN:
-            raise UserError(f"{name_or_file}: base {base!r} is not a built-in config ({', '.join(BUILTIN)})")
-        cfg = _merge(BUILTIN[base], {k: v for k, v in user.items() if k != "base"}, "config")
+        if base not in builtins:
+            raise UserError(f"{name_or_file}: base {base!r} is not a built-in config ({', '.join(builtins)})")
+        cfg = _merge(builtins[base], {k: v for k, v in user.items() if k != "base"}, "config")
     if categories is not None:
         cfg["model"]["categories"] = list(categories)
         cfg["model"]["unet"]["num_classes"] = len(categories) if len(categories) > 1 else 0

@@ -91,12 +91,15 @@ class NoiseSchedule:
         a, s = self.alpha_sigma(t, x_t)
         return a * x_t - s * v
 
-    def timesteps(self, steps: int) -> list[int]:
-        """``steps`` decreasing integer steps from T-1 to 0, evenly spaced ("trailing" spacing, which starts sampling
-        at pure noise; Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed")."""
-        if not 1 <= steps <= self.num_steps:
-            raise ValueError(f"steps must be in 1..{self.num_steps}; got {steps}")
-        n = self.num_steps
+    def timesteps(self, steps: int, start: int | None = None) -> list[int]:
+        """``steps`` decreasing integer steps from T-1 (or ``start``) to 0, evenly spaced ("trailing" spacing, which
+        starts sampling at pure noise; Lin et al. 2024, "Common diffusion noise schedules and sample steps are
+        flawed"). A ``start`` below T-1 continues from a partly noised image (SDEdit, Meng et al. 2022)."""
+        n = self.num_steps if start is None else int(start) + 1
+        if start is not None and not 0 <= start < self.num_steps:
+            raise ValueError(f"start must be in 0..{self.num_steps - 1}; got {start}")
+        if not 1 <= steps <= n:
+            raise ValueError(f"steps must be in 1..{n}; got {steps}")
         return [int(round(n - i * n / steps)) - 1 for i in range(steps)]
 
 
@@ -124,9 +127,10 @@ def _t(step: int, x: Tensor) -> Tensor:
 @torch.no_grad()
 def sample_ddim(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: int = 25,
                 generators: Sequence[torch.Generator] | None = None, callback: StepCallback | None = None,
-                eta: float = 0.0) -> Tensor:
-    """DDIM (Song et al. 2021, eq. 12). ``eta = 0`` is deterministic; ``eta > 0`` needs ``generators``."""
-    ts = schedule.timesteps(steps)
+                eta: float = 0.0, start: int | None = None) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12). ``eta = 0`` is deterministic; ``eta > 0`` needs ``generators``.
+    ``start``: x is a sample at that step rather than pure noise (see ``NoiseSchedule.timesteps``)."""
+    ts = schedule.timesteps(steps, start)
     abar = schedule.alphas_cumprod
     for i, t in enumerate(ts):
         x0 = denoise(x, _t(t, x))
@@ -146,12 +150,12 @@ def sample_ddim(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: in
 @torch.no_grad()
 def sample_dpmpp_2m(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: int = 20,
                     generators: Sequence[torch.Generator] | None = None,
-                    callback: StepCallback | None = None) -> Tensor:
+                    callback: StepCallback | None = None, start: int | None = None) -> Tensor:
     """DPM-Solver++(2M), the multistep second-order data-prediction solver (Lu et al. 2022, Algorithm 2).
 
-    Deterministic; ``generators`` is accepted for a uniform sampler signature and unused.
+    Deterministic; ``generators`` is accepted for a uniform sampler signature and unused. ``start`` as in DDIM.
     """
-    ts = schedule.timesteps(steps)
+    ts = schedule.timesteps(steps, start)
     abar = schedule.alphas_cumprod
     alpha = abar.sqrt()
     sigma = (1 - abar).sqrt()
@@ -179,7 +183,7 @@ def sample_dpmpp_2m(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps
 @torch.no_grad()
 def sample_ancestral(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: int | None = None,
                      generators: Sequence[torch.Generator] | None = None,
-                     callback: StepCallback | None = None) -> Tensor:
+                     callback: StepCallback | None = None, start: int | None = None) -> Tensor:
     """The DDPM ancestral sampler (Ho et al. 2020, Algorithm 2) with the posterior mean computed from x0_hat.
 
     With ``steps`` = T (the default) this is the reference 1000-step sampler of the original HoloDiffusion release;
@@ -187,7 +191,7 @@ def sample_ancestral(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, step
     """
     if generators is None:
         raise ValueError("the ancestral sampler draws noise: pass one generator per object")
-    ts = schedule.timesteps(steps or schedule.num_steps)
+    ts = schedule.timesteps(steps or (schedule.num_steps if start is None else start + 1), start)
     abar = schedule.alphas_cumprod
     for i, t in enumerate(ts):
         x0 = denoise(x, _t(t, x))
@@ -206,12 +210,15 @@ def sample_ancestral(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, step
 
 
 def sample(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, sampler: str = "dpm++", steps: int = 20,
-           generators: Sequence[torch.Generator] | None = None, callback: StepCallback | None = None) -> Tensor:
-    """Runs the named sampler: "ddim" (10-50 steps), "dpm++" (DPM-Solver++(2M), 10-25 steps) or "ancestral"."""
+           generators: Sequence[torch.Generator] | None = None, callback: StepCallback | None = None,
+           start: int | None = None) -> Tensor:
+    """Runs the named sampler: "ddim" (10-50 steps), "dpm++" (DPM-Solver++(2M), 10-25 steps) or "ancestral".
+
+    ``start``: x is a noised sample at that step (SDEdit) rather than pure noise at T-1."""
     if sampler == "ddim":
-        return sample_ddim(denoise, x, schedule, steps, generators, callback)
+        return sample_ddim(denoise, x, schedule, steps, generators, callback, start=start)
     if sampler == "dpm++":
-        return sample_dpmpp_2m(denoise, x, schedule, steps, generators, callback)
+        return sample_dpmpp_2m(denoise, x, schedule, steps, generators, callback, start=start)
     if sampler == "ancestral":
-        return sample_ancestral(denoise, x, schedule, steps, generators, callback)
+        return sample_ancestral(denoise, x, schedule, steps, generators, callback, start=start)
     raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")

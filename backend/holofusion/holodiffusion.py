@@ -211,20 +211,26 @@ class HoloDiffusion(nn.Module):
 
     def autoencoder_loss(self, images: Tensor, cameras: PerspectiveCamera, targets: Targets,
                          generator: torch.Generator | None, mask_weight: float = 0.1,
-                         latent_noise: float = 0.0) -> tuple[Tensor, dict]:
+                         latent_noise: float = 0.0, colour_noise: float = 0.0) -> tuple[Tensor, dict]:
         """Photometric loss of the encoder's own grid. ``latent_noise`` adds Gaussian noise of that std (in the
         encoder's [-1, 1] units) to the grid first, so the decoder learns to render slightly-off grids, like the
-        denoiser's outputs, as clean objects instead of colour speckles."""
+        denoiser's outputs, as clean objects instead of colour speckles. ``colour_noise`` is the std used instead on
+        the raw-colour channels: voxel-by-voxel colour is what a denoiser gets wrong first (mottled samples), and a
+        decoder that cannot trust it takes the object's base colour from the global code."""
         z = self.encode(images, cameras)
-        if latent_noise > 0:
+        if latent_noise > 0 or colour_noise > 0:
             if generator is None:
-                raise ValueError("latent_noise > 0 draws noise: pass a generator")
+                raise ValueError("latent or colour noise > 0 draws noise: pass a generator")
             noise = torch.randn(z.shape, generator=generator)
-            g = self.config.encoder.global_slice()
+            enc = self.config.encoder
+            g = enc.global_slice()
             # The global channels get one draw per object and channel, so they stay constant over the grid, as
             # they are in every grid the denoiser produces.
             noise[:, g] = noise[:, g, :1, :1, :1].expand_as(noise[:, g])
-            z = z + latent_noise * noise.to(z.device)
+            std = torch.full((z.shape[1],), float(latent_noise))
+            if enc.raw_color_channels:
+                std[-enc.raw_color_channels:] = max(float(colour_noise), float(latent_noise))
+            z = z + (std.view(1, -1, 1, 1, 1) * noise).to(z.device)
         return self.photometric_loss(z, targets, generator, mask_weight)
 
     def latent_loss(self, x0: Tensor, category: Tensor | None, generator: torch.Generator) -> tuple[Tensor, dict]:

@@ -22,7 +22,6 @@ import copy
 import json
 import shutil
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from .configs import resolve_config
 from .data.co3d import Co3dDataset
 from .errors import UserError
 from .holodiffusion import HoloDiffusion, HoloDiffusionConfig, Targets
+from .runloop import RunLoop
 from .weights import atomic_torch_save, load_torch_state, load_weights, save_weights
 
 __all__ = ["TrainConfig", "Trainer", "train_holodiffusion", "PHASES"]
@@ -89,6 +89,8 @@ class TrainConfig(DictConfig):
     ae_latent_noise: float = 0.0
     """Std of Gaussian noise added to the encoder's grid in the autoencoder phase (see
     ``HoloDiffusion.autoencoder_loss``); 0 trains on clean grids."""
+    ae_colour_noise: float = 0.0
+    """Std of that noise on the raw-colour channels (the larger of the two applies there)."""
     bootstrap_prob: float = 0.5
     """Probability of the second (bootstrapped) denoising pass."""
     bootstrap_latent_weight: float = 1.0
@@ -140,8 +142,10 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-class Trainer:
+class Trainer(RunLoop):
     """Owns the model, the EMA denoiser, the optimizer and the data of one training run."""
+
+    phase_names = PHASES
 
     def __init__(self, data: str | os.PathLike, categories: list[str], config: dict[str, Any], out: str | os.PathLike,
                  device: str = "cpu", resume: bool = False, progress: bool = True, init_from: str | None = None):
@@ -295,7 +299,8 @@ class Trainer:
             return m.latent_loss(x0, cat, gen)
         images, cams, targets, cat = self.scene_batch(gen)
         if phase == "autoencoder":
-            return m.autoencoder_loss(images, cams, targets, gen, cfg.mask_weight, cfg.ae_latent_noise)
+            return m.autoencoder_loss(images, cams, targets, gen, cfg.mask_weight, cfg.ae_latent_noise,
+                                      cfg.ae_colour_noise)
         return m.bootstrap_loss(images, cams, targets, cat, gen, cfg.mask_weight, cfg.bootstrap_prob,
                                 cfg.bootstrap_latent_weight)
 
@@ -354,6 +359,7 @@ class Trainer:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         info = {"step": self.step, "phase": self.cfg.phase(max(self.step - 1, 0)), "data": self.data_root,
+                "image_size": self.cfg.image_size, "n_source": self.cfg.n_source,
                 "categories": self.categories, "objects": len(self.sequences)}
         state = dict(self.model.state_dict())
         state.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
@@ -466,36 +472,6 @@ class Trainer:
             rgbs.append(f.image.permute(1, 2, 0).reshape(-1, 3))
             alphas.append(f.mask.reshape(-1))
         return _spread(torch.stack(rgbs), torch.stack(alphas))
-
-    # ------------------------------------------------------------------ loop
-    def fit(self, max_steps: int | None = None) -> None:
-        cfg = self.cfg
-        end = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
-        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
-                   dynamic_ncols=True)
-        t_last = time.perf_counter()
-        while self.step < end:
-            stats = self.train_step()
-            self.history.append(stats)
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == end:
-                now = time.perf_counter()
-                bar.set_postfix(phase=PHASES[int(stats["phase"])], loss=f"{stats['loss']:.4f}",
-                                s_per_step=f"{(now - t_last) / cfg.log_every:.2f}")
-                t_last = now
-            if self.step % cfg.checkpoint_every == 0 or self.step == end:
-                self.save()
-                if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == end:
-                    self.write_pictures()
-                else:
-                    self._curve_only()
-        bar.close()
-
-    def _curve_only(self) -> None:
-        if self.rank == 0:
-            from .plots import loss_curve
-
-            loss_curve(self.history, self.out / "loss.png", phase_names=PHASES)
 
 
 def _spread(rgb: Tensor, alpha: Tensor) -> dict[str, float]:

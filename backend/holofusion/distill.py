@@ -1,0 +1,255 @@
+"""Distillation: K super-resolved views -> one high-resolution grid (HoloFusion, sec. 3.3).
+
+The views are super-resolved one by one, so they disagree a little (a speckle here, an edge a pixel off there); a
+single grid fitted to all of them is consistent from every side by construction. The grid is explicit, with no
+network: R^3 cells of (raw density, colour logits), rendered by the same ray marcher as the coarse grids through
+``ExplicitField`` (trilinear interpolation of the raw values, then softplus and sigmoid, as in DVGO / Plenoxels).
+
+- **Initialisation**: the coarse model's decoded density and albedo at the R^3 cell centres, so the fit starts from
+  the coarse object and only has to add detail.
+- **Loss**: random square patches of the views. Each rendered patch is compared with its target at every shift of
+  up to ``shift_tolerance`` pixels and the best shift counts, so a target a pixel off from the others does not
+  blur the grid; a small total-variation term keeps empty space clean.
+- **Re-sampling** (``resample_every``): render the current grid at every view, noise it to a level that decreases
+  over the fit, and let the super-resolution model denoise it, conditioned on the view's coarse render (SDEdit,
+  Meng et al. 2022). The new targets keep what the grid agrees on and redraw the rest, so the views are pulled
+  toward one object instead of being averaged.
+- **Stopping**: after the last re-sampling, when the loss (mean over a window) stops falling by ``tolerance``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cameras import PerspectiveCamera, look_at_cameras_on_sphere
+from .configbase import DictConfig
+from .grid import VoxelGrid
+from .nets.decoder import DecoderOutput
+from .render import RenderConfig, render_grid
+
+__all__ = ["DistillConfig", "ExplicitField", "DistillResult", "initial_grid", "distill", "patch_loss",
+           "view_cameras", "DistillCancelled"]
+
+IterCallback = Callable[[int, int, "Tensor | None"], bool | None]
+"""callback(iteration, total, preview image (H, W, 3) or None) -> False stops the fit."""
+
+
+class DistillCancelled(RuntimeError):
+    """Raised when the callback returns False."""
+
+
+@dataclass
+class DistillConfig(DictConfig):
+    """How the high-resolution grid is fitted."""
+
+    resolution: int = 64
+    """R: the distilled grid has R^3 cells over the coarse grid's box."""
+    iterations: int = 300
+    """Most optimizer steps (fewer when it converges)."""
+    lr: float = 0.05
+    """Adam learning rate on the raw grid values."""
+    patches: int = 12
+    """Patches per step (spread over the views)."""
+    patch_size: int = 16
+    """Side of a patch in target pixels."""
+    shift_tolerance: int = 1
+    """Largest misalignment in pixels the loss forgives (0: plain per-pixel loss)."""
+    tv_weight: float = 1e-4
+    """Weight of the total-variation term on density and colour."""
+    resample_every: int = 100
+    """Steps between re-samplings of the targets (0: never)."""
+    resample_strength: tuple[float, float] = (0.45, 0.15)
+    """SDEdit noise level (fraction of T) of the first and of the last re-sampling; linear in between."""
+    sr_steps: int = 10
+    """Sampler steps of the super-resolution model per (re-)sampling."""
+    tolerance: float = 0.005
+    """Stop when the windowed loss falls by less than this fraction over a window (after the last re-sampling)."""
+    window: int = 25
+    """Steps per window of the stopping rule."""
+    render: RenderConfig = field(default_factory=lambda: RenderConfig(n_coarse=32, n_fine=16, chunk_rays=2048))
+    """Ray marching of the distilled grid while fitting."""
+
+    @classmethod
+    def from_dict(cls, values):
+        values = dict(values)
+        if isinstance(values.get("render"), dict):
+            values["render"] = RenderConfig.from_dict(values["render"])
+        return super().from_dict(values)
+
+    def to_dict(self):
+        d = super().to_dict()
+        d["render"]["background"] = list(d["render"]["background"])
+        d["resample_strength"] = list(self.resample_strength)
+        return d
+
+
+class ExplicitField(nn.Module):
+    """The "decoder" of an explicit grid: channel 0 is raw density, channels 1-3 colour logits (view-independent).
+
+    Interchangeable with ``Decoder`` for the renderer, surface extraction and baking (``forward``, ``albedo``)."""
+
+    channels = 4
+
+    def forward(self, features: Tensor, directions: Tensor | None = None) -> DecoderOutput:
+        return DecoderOutput(features[..., 0], torch.sigmoid(features[..., 1:4]), features[..., 4:4])
+
+    def albedo(self, features: Tensor) -> Tensor:
+        return torch.sigmoid(features[..., 1:4])
+
+
+@dataclass
+class DistillResult:
+    """A fitted grid: ``grid`` (1, 4, R, R, R) explicit, to render with ``ExplicitField``; ``targets`` the last
+    (re-sampled) views (K, 3, H, W); ``losses`` per step; ``iterations`` run; ``converged`` early."""
+
+    grid: VoxelGrid
+    targets: Tensor
+    losses: list[float]
+    iterations: int
+    converged: bool
+
+
+def _logit(x: Tensor, eps: float = 1e-3) -> Tensor:
+    x = x.clamp(eps, 1 - eps)
+    return torch.log(x) - torch.log1p(-x)
+
+
+@torch.no_grad()
+def initial_grid(coarse: VoxelGrid, decoder: nn.Module, resolution: int, chunk: int = 65536) -> VoxelGrid:
+    """The coarse grid's decoded fields (raw density, albedo logits) at the cell centres of an R^3 grid over the same
+    box: (1, 4, R, R, R). ``decoder`` is the coarse model's (density before activation, as ``RenderConfig``'s
+    activation expects; the distilled grid uses the same activation)."""
+    if coarse.batch_size != 1:
+        raise ValueError(f"distil one object at a time; got a batch of {coarse.batch_size}")
+    shell = VoxelGrid(torch.zeros(1, 1, resolution, resolution, resolution, device=coarse.device), coarse.box_min,
+                      coarse.box_max)
+    pts = shell.cell_centers()
+    raws, cols = [], []
+    for start in range(0, pts.shape[0], chunk):
+        feats = coarse.sample(pts[start:start + chunk][None])[0]
+        out = decoder(feats)
+        raws.append(out.density_raw)
+        cols.append(decoder.albedo(feats))
+    raw = torch.cat(raws).view(1, 1, resolution, resolution, resolution)
+    rgb = torch.cat(cols).T.reshape(1, 3, resolution, resolution, resolution)
+    return VoxelGrid(torch.cat([raw, _logit(rgb)], 1).float(), coarse.box_min, coarse.box_max)
+
+
+def view_cameras(k: int, distance: float, focal: float, size: int, elevation_deg: tuple[float, float] = (-5, 50),
+                 at: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> PerspectiveCamera:
+    """K cameras spread evenly over a band of the sphere around ``at`` (a Fibonacci spiral in elevation), looking
+    at it: the views to super-resolve and distil."""
+    return look_at_cameras_on_sphere(k, distance, focal, (size, size), elevation_deg, at)
+
+
+def patch_loss(render: Tensor, target: Tensor, shift: int) -> Tensor:
+    """Shift-tolerant patch error: render (N, 3, p + 2s, p + 2s), target (N, 3, p, p) -> (N,), the smallest mean
+    squared error of the target against the render's p x p windows at shifts within +-s pixels."""
+    p = target.shape[-1]
+    errs = []
+    for dy in range(2 * shift + 1):
+        for dx in range(2 * shift + 1):
+            errs.append(((render[..., dy:dy + p, dx:dx + p] - target) ** 2).mean(dim=(1, 2, 3)))
+    return torch.stack(errs, 1).min(1).values
+
+
+def _tv(x: Tensor) -> Tensor:
+    return ((x[:, :, 1:] - x[:, :, :-1]) ** 2).mean() + ((x[:, :, :, 1:] - x[:, :, :, :-1]) ** 2).mean() + \
+        ((x[..., 1:] - x[..., :-1]) ** 2).mean()
+
+
+def _patch_pixels(corner: Tensor, size: int) -> Tensor:
+    """(N, 2) top-left pixel corners -> (N, size * size, 2) pixel-centre coordinates of each patch, row-major."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    offs = torch.stack([xx, yy], -1).reshape(-1, 2).float() + 0.5
+    return corner[:, None, :].float() + offs[None]
+
+
+def distill(init: VoxelGrid, targets: Tensor, cameras: PerspectiveCamera, config: DistillConfig,
+            generator: torch.Generator, resample: Callable[[Tensor, float, int], Tensor] | None = None,
+            callback: IterCallback | None = None, preview_every: int = 0) -> DistillResult:
+    """Fits an explicit grid to K target views.
+
+    init: (1, 4, R, R, R) explicit grid (``initial_grid``). targets: (K, 3, H, W) in [0, 1] of ``cameras`` (K, at
+    H x W). resample(renders (K, 3, H, W), strength, round) -> new targets: the super-resolution model's SDEdit
+    (None: keep the targets). Every random draw (patches, ray jitter) comes from ``generator``.
+    """
+    cfg = config
+    field_fn = ExplicitField()
+    k, _, h, w = targets.shape
+    if len(cameras) != k:
+        raise ValueError(f"{k} targets but {len(cameras)} cameras")
+    device = init.device
+    params = init.features.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([params], lr=cfg.lr)
+    targets = targets.to(device)
+    s, p = cfg.shift_tolerance, cfg.patch_size
+    if p + 2 * s > min(h, w):
+        raise ValueError(f"patch_size + 2 * shift_tolerance ({p + 2 * s}) exceeds the view size ({h} x {w})")
+    rounds = (cfg.iterations - 1) // cfg.resample_every if (cfg.resample_every and resample is not None) else 0
+    last_resample = rounds * cfg.resample_every
+    losses: list[float] = []
+    converged = False
+    it = 0
+    for it in range(1, cfg.iterations + 1):
+        if rounds and it > 1 and (it - 1) % cfg.resample_every == 0:
+            r = (it - 1) // cfg.resample_every
+            a, b = cfg.resample_strength
+            strength = a + (b - a) * (r - 1) / max(1, rounds - 1)
+            with torch.no_grad():
+                full = render_grid(VoxelGrid(params, init.box_min, init.box_max), field_fn, cameras, cfg.render)
+            targets = resample(full.rgb.permute(0, 3, 1, 2).clamp(0, 1), strength, r).to(device)
+        view = torch.randint(0, k, (cfg.patches,), generator=generator)
+        corner = torch.stack([torch.randint(0, w - p - 2 * s + 1, (cfg.patches,), generator=generator),
+                              torch.randint(0, h - p - 2 * s + 1, (cfg.patches,), generator=generator)], -1)
+        xy = _patch_pixels(corner, p + 2 * s).to(device)
+        cams = cameras[view.tolist()] if cfg.patches > 1 else cameras[view.tolist()]
+        grid = VoxelGrid(params, init.box_min, init.box_max)
+        # Every patch is a camera of its own over the one grid: B = 1 scene, V = patches.
+        out = render_grid(grid, field_fn, cams, cfg.render, xy, generator)
+        rendered = out.rgb.view(cfg.patches, p + 2 * s, p + 2 * s, 3).permute(0, 3, 1, 2)
+        tgt = torch.stack([targets[v, :, y + s:y + s + p, x + s:x + s + p]
+                           for v, (x, y) in zip(view.tolist(), corner.tolist())])
+        loss = patch_loss(rendered, tgt, s).mean()
+        if out.fine is not None:  # the coarse pass too, as the HoloDiffusion loss does
+            coarse_rgb = out.coarse.rgb.view(cfg.patches, p + 2 * s, p + 2 * s, 3).permute(0, 3, 1, 2)
+            loss = loss + patch_loss(coarse_rgb, tgt, s).mean()
+        if cfg.tv_weight > 0:
+            loss = loss + cfg.tv_weight * _tv(params)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        preview = None
+        if preview_every and (it % preview_every == 0 or it == cfg.iterations):
+            with torch.no_grad():
+                preview = render_grid(VoxelGrid(params, init.box_min, init.box_max), field_fn, cameras[:1],
+                                      cfg.render).rgb[0].clamp(0, 1).cpu()
+        if callback is not None and callback(it, cfg.iterations, preview) is False:
+            raise DistillCancelled(f"distillation stopped by the callback after step {it} of {cfg.iterations}")
+        n = cfg.window
+        if it >= last_resample + 2 * n and len(losses) >= 2 * n:
+            prev, cur = sum(losses[-2 * n:-n]) / n, sum(losses[-n:]) / n
+            if prev - cur < cfg.tolerance * prev:
+                converged = True
+                break
+    grid = VoxelGrid(params.detach(), init.box_min, init.box_max)
+    return DistillResult(grid, targets.detach(), losses, it, converged)
+
+
+def sharpness(images: Tensor) -> float:
+    """Mean image-gradient magnitude of (N, 3, H, W) images (finite differences, per pixel): higher is sharper."""
+    gx = images[..., :, 1:] - images[..., :, :-1]
+    gy = images[..., 1:, :] - images[..., :-1, :]
+    return float((gx[..., :-1, :] ** 2 + gy[..., :, :-1] ** 2).sqrt().mean())
+
+
+def psnr(a: Tensor, b: Tensor) -> float:
+    mse = float(F.mse_loss(a, b))
+    return 10 * math.log10(1.0 / max(mse, 1e-12))

@@ -1,0 +1,261 @@
+"""HoloFusionPipeline (public): seed (+ category, preset) -> coarse grid, super-resolved views, distilled grid.
+
+    pipe = HoloFusionPipeline.from_pretrained("apple", device="cpu")     # a name under models/ or a folder
+    out = pipe(seed=7, preset="standard", callback=None)
+    out.coarse, out.views, out.distilled                                  # see PipelineOutput
+
+Stages (HoloFusion, Karnewar et al. 2023):
+1. ``coarse``: HoloDiffusion samples a feature grid from the seed's noise (few-step DPM-Solver++).
+2. ``superres``: K views of it around a band of the sphere, framed the way the training images were cropped (the
+   object's silhouette box plus 30 % context, so the super-resolution model sees what it learned on), are rendered
+   at low resolution and super-resolved, each view with its own seeded generator.
+3. ``distill``: the views are distilled into one explicit high-resolution grid (``distill.py``), the targets
+   re-sampled by the super-resolution model as the fit proceeds.
+
+Presets: ``draft`` stops after stage 1 (seconds); ``standard`` runs all three; ``high`` uses more views, a finer
+grid and more iterations. The callback gets ``(stage, step, total, preview)`` (preview an (H, W, 3) image in [0, 1]
+or None) after every step of every stage and stops the run by returning False (``PipelineCancelled``). Every random
+draw comes from generators seeded by the seed: the same model, seed and preset give the same object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .cameras import PerspectiveCamera
+from .data.co3d import mask_crop_box
+from .diffusion import SamplingCancelled
+from .distill import DistillCancelled, DistillConfig, ExplicitField, distill, initial_grid, view_cameras
+from .errors import UserError
+from .grid import VoxelGrid
+from .holodiffusion import HoloDiffusion, load_holodiffusion
+from .superres import Condition, SuperRes, load_superres
+
+__all__ = ["HoloFusionPipeline", "PipelineOutput", "PipelineCancelled", "Preset", "PRESETS", "MODELS_DIR"]
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+"""The shipped models: ``models/<name>/holodiffusion.safetensors`` (+ ``superres.safetensors``)."""
+
+PipelineCallback = Callable[[str, int, int, "Tensor | None"], "bool | None"]
+
+
+class PipelineCancelled(RuntimeError):
+    """The callback returned False; ``stage`` says where the run stopped."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How much work one object gets."""
+
+    coarse_steps: int = 25
+    """HoloDiffusion sampler steps."""
+    superres: bool = True
+    """Run stages 2 and 3 (False: the ``draft`` preset)."""
+    views: int = 16
+    """K, views super-resolved and distilled."""
+    sr_steps: int = 10
+    """Super-resolution sampler steps per view."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    view_distance: float = 9.0
+    """Camera distance of the K views (world units); the framing comes from the object's silhouette."""
+    elevation_deg: tuple[float, float] = (-5.0, 50.0)
+    """The band of the sphere the views cover (the training views' elevations)."""
+
+
+PRESETS: dict[str, Preset] = {
+    "draft": Preset(superres=False),
+    "standard": Preset(),
+    "high": Preset(coarse_steps=50, views=32, sr_steps=20,
+                   distill=DistillConfig(resolution=96, iterations=600, patches=16, resample_every=150)),
+}
+
+
+@dataclass
+class PipelineOutput:
+    """One generated object.
+
+    coarse: (1, C, S, S, S) HoloDiffusion grid in encoder space, rendered by ``coarse_decoder``.
+    views: (K, 3, H, W) super-resolved views in [0, 1] (before distillation), or None (draft).
+    cameras: the K views' cameras (H x W), or None.
+    distilled: (1, 4, R, R, R) explicit grid (raw density, colour logits), rendered by ``ExplicitField``, or None.
+    """
+
+    seed: int
+    category: str | None
+    preset: str
+    coarse: VoxelGrid
+    coarse_decoder: torch.nn.Module
+    views: Tensor | None = None
+    cameras: PerspectiveCamera | None = None
+    distilled: VoxelGrid | None = None
+    distill_iterations: int = 0
+
+    def field(self) -> tuple[VoxelGrid, torch.nn.Module]:
+        """(grid, decoder) of the most detailed stage that ran: what the mesh is extracted from."""
+        if self.distilled is not None:
+            return self.distilled, ExplicitField()
+        return self.coarse, self.coarse_decoder
+
+
+class HoloFusionPipeline:
+    """The three stages of HoloFusion around a trained HoloDiffusion model and (optionally) its super-resolution
+    model. Without one, only the ``draft`` preset runs."""
+
+    def __init__(self, holodiffusion: HoloDiffusion, superres: SuperRes | None = None, name: str = ""):
+        self.hd = holodiffusion.eval()
+        self.sr = superres.eval() if superres is not None else None
+        self.name = name
+
+    @property
+    def device(self) -> torch.device:
+        return self.hd.device
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self.hd.config.categories)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu") -> HoloFusionPipeline:
+        """A shipped model by name (a folder under ``models/``) or any folder holding ``holodiffusion.safetensors``
+        and optionally ``superres.safetensors`` (or HoloDiffusion / super-resolution run folders' ``model.safetensors``
+        under ``holodiffusion/`` and ``superres/``)."""
+        p = Path(name_or_path)
+        if not p.exists() and (MODELS_DIR / name_or_path).is_dir():
+            p = MODELS_DIR / name_or_path
+        if not p.is_dir():
+            known = sorted(d.name for d in MODELS_DIR.iterdir() if d.is_dir()) if MODELS_DIR.is_dir() else []
+            raise UserError(f"model {name_or_path!r} is neither a folder nor a shipped model "
+                            f"({', '.join(known) or 'none shipped'})")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"device {device}: CUDA is not available on this machine; use cpu")
+
+        def find(stem: str) -> Path | None:
+            for cand in (p / f"{stem}.safetensors", p / stem / "model.safetensors"):
+                if cand.is_file():
+                    return cand
+            return None
+
+        hd_path = find("holodiffusion")
+        if hd_path is None:
+            raise UserError(f"{str(p)!r} holds no holodiffusion.safetensors (nor holodiffusion/model.safetensors)")
+        hd = load_holodiffusion(str(hd_path), device)
+        sr_path = find("superres")
+        sr = load_superres(str(sr_path), device)[0] if sr_path is not None else None
+        if sr is not None and sr.config.cond_features != hd.config.decoder.n_features_out:
+            raise UserError(f"{str(sr_path)!r} expects {sr.config.cond_features} rendered feature channels; the "
+                            f"HoloDiffusion model renders {hd.config.decoder.n_features_out}")
+        return cls(hd, sr, p.name)
+
+    # ------------------------------------------------------------------ stages
+    def __call__(self, seed: int, category: str | None = None, preset: str | Preset = "standard",
+                 callback: PipelineCallback | None = None) -> PipelineOutput:
+        name, pre = self._preset(preset)
+        if category is not None and category not in self.categories:
+            raise UserError(f"category {category!r} is not one this model knows ({', '.join(self.categories)})")
+        if pre.superres and self.sr is None:
+            raise UserError(f"preset {name!r} needs a super-resolution model, and {self.name or 'this model'} has "
+                            "none; use preset 'draft'")
+        seed = int(seed)
+        coarse = self.coarse(seed, category, pre.coarse_steps, callback)
+        out = PipelineOutput(seed, category, name, coarse, self.hd.decoder)
+        if not pre.superres:
+            return out
+        cams, cond = self.conditions(coarse, pre)
+        out.cameras = cams
+        out.views = self.super_resolve(cond, seed, pre.sr_steps, callback)
+        out.distilled, out.distill_iterations = self.distill(coarse, out.views, cams, cond, seed, pre, callback)
+        return out
+
+    def _preset(self, preset: str | Preset) -> tuple[str, Preset]:
+        if isinstance(preset, Preset):
+            return "custom", preset
+        if preset not in PRESETS:
+            raise UserError(f"preset {preset!r} is unknown; choose from {', '.join(PRESETS)}")
+        return preset, PRESETS[preset]
+
+    @torch.no_grad()
+    def coarse(self, seed: int, category: str | None, steps: int, callback: PipelineCallback | None) -> VoxelGrid:
+        """Stage 1: the HoloDiffusion grid of ``seed`` (1, C, S, S, S), in the space the decoder renders."""
+        def step(i: int, total: int, x0: Tensor) -> bool:
+            return _go(callback, "coarse", i, total, None)
+
+        try:
+            x = self.hd.sample([seed], category, steps=steps, callback=step)
+        except SamplingCancelled as e:
+            raise PipelineCancelled("coarse", str(e)) from None
+        return self.hd.to_grid(self.hd.denormalize(x))
+
+    @torch.no_grad()
+    def conditions(self, coarse: VoxelGrid, pre: Preset) -> tuple[PerspectiveCamera, Condition]:
+        """The K view cameras at the super-resolution size, each cropped around the coarse object's silhouette like
+        a training image, and the coarse renders at those views (the super-resolution model's conditions)."""
+        cfg = self.sr.config
+        probe = 64  # silhouettes are measured on a 64 px render with a wide view
+        wide = view_cameras(pre.views, pre.view_distance, 1.2, probe, pre.elevation_deg).to(self.device)
+        alpha = self.hd.render(coarse.features, wide).alpha[..., 0].cpu()
+        crops = []
+        for i in range(pre.views):
+            box = mask_crop_box(alpha[i].numpy(), threshold=0.4, context=0.3) or (0, 0, probe, probe)
+            crops.append(wide[i].to("cpu").crop(*box).resize((cfg.high_size, cfg.high_size)))
+        cams = PerspectiveCamera.stack(crops).to(self.device)
+        low = cams.resize((cfg.low_size, cfg.low_size))
+        out = self.hd.render(coarse.features, low)
+        return cams, Condition.from_render(out.rgb, out.alpha, out.features)
+
+    def super_resolve(self, cond: Condition, seed: int, steps: int, callback: PipelineCallback | None,
+                      init: Tensor | None = None, strength: float = 1.0, round_: int = 0) -> Tensor:
+        """Stage 2: (K, 3, H, W) super-resolved views; view k of round r draws from a generator seeded by (seed, r,
+        k) alone."""
+        seeds = [_view_seed(seed, round_, k) for k in range(len(cond))]
+
+        def step(i: int, total: int, x0: Tensor) -> bool:
+            return _go(callback, "superres", i, total, None)
+
+        try:
+            return self.sr.sample(cond, seeds, steps=steps, init=init, strength=strength,
+                                  callback=step if round_ == 0 else None)
+        except SamplingCancelled as e:
+            raise PipelineCancelled("superres", str(e)) from None
+
+    def distill(self, coarse: VoxelGrid, views: Tensor, cams: PerspectiveCamera, cond: Condition, seed: int,
+                pre: Preset, callback: PipelineCallback | None) -> tuple[VoxelGrid, int]:
+        """Stage 3: the explicit high-resolution grid fitted to the views, and the iterations it took."""
+        cfg = pre.distill
+        with torch.no_grad():
+            init = initial_grid(coarse, self.hd.decoder, cfg.resolution)
+
+        def resample(renders: Tensor, strength: float, round_: int) -> Tensor:
+            return self.super_resolve(cond, seed, pre.sr_steps, None, init=renders, strength=strength,
+                                      round_=round_)
+
+        def step(i: int, total: int, preview: Tensor | None) -> bool:
+            return _go(callback, "distill", i, total, preview)
+
+        gen = torch.Generator().manual_seed(_view_seed(seed, 999, 0))
+        try:
+            res = distill(init, views, cams, cfg, gen, resample, step, preview_every=max(1, cfg.iterations // 10))
+        except DistillCancelled as e:
+            raise PipelineCancelled("distill", str(e)) from None
+        return res.grid, res.iterations
+
+
+def _view_seed(seed: int, round_: int, view: int) -> int:
+    return (int(seed) * 1_000_003 + round_ * 1009 + view) % (2**63 - 1)
+
+
+def _go(callback: PipelineCallback | None, stage: str, step: int, total: int, preview: Tensor | None) -> bool:
+    return callback is None or callback(stage, step, total, preview) is not False
+
+
+def with_distill(preset: Preset, **changes) -> Preset:
+    """A copy of a preset with some distillation settings changed (tests, benchmarks)."""
+    return replace(preset, distill=replace(preset.distill, **changes))
