@@ -41,10 +41,12 @@ BUILTIN: dict[str, dict[str, Any]] = {
     "cpu": {
         "model": {
             "grid_size": 16, "box_half_size": 3.5,
-            # 9 learned local channels, 4 per-object global channels (object-wide colour: see nets/encoder.py),
-            # 3 raw-colour channels.
-            "encoder": {"channels": 16, "global_channels": 4, "cnn_width": 32, "cnn_layers": 4, "feature_dim": 32,
-                        "refine_layers": 1},
+            # 10 learned local channels and 6 per-object global channels (object-wide colour: see nets/encoder.py),
+            # no raw-colour channels: with them the denoiser had to reproduce view-averaged colour in empty space,
+            # which is texture of the source views rather than of the object, could not, and left it as mottled
+            # noise; the global code carries the colour instead (measured: docs/design notes in the README).
+            "encoder": {"channels": 16, "global_channels": 6, "raw_color_channels": 0, "cnn_width": 32,
+                        "cnn_layers": 4, "feature_dim": 32, "refine_layers": 1},
             "decoder": {"n_features_in": 16, "hidden_dim": 64, "n_hidden_layers": 2, "n_harmonics_dir": 2,
                         "view_hidden_dim": 16},
             # base 16: a latent step at batch 16 takes about 1 s on 2 cores (base 32: 3.4 s); attention at 4^3
@@ -57,7 +59,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
                   "latent_batch": 16, "ae_steps": 2000, "latent_steps": 30000, "bootstrap_steps": 2000,
                   # Noise on the autoencoder's grids teaches the decoder to render slightly-off grids (what the
                   # denoiser makes) cleanly, and pushes object-wide colour into the noise-robust global code.
-                  "ae_latent_noise": 0.15, "latent_lr": 3e-4,
+                  "ae_latent_noise": 0.15, "ae_latent_l2": 0.01, "latent_lr": 3e-4,
                   "cache_subsets": 4, "log_every": 20, "checkpoint_every": 250, "sample_every": 1000},
     },
     "paper": {
@@ -82,7 +84,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
 SUPERRES_BUILTIN: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": {"low_size": 8, "high_size": 16, "block_channels": [16, 32], "layers_per_block": 1},
-        "train": {"steps": 40, "batch": 4, "cache_views": 2, "n_source": 3, "warmup_steps": 5, "log_every": 5,
+        "train": {"steps": 300, "batch": 4, "cache_views": 2, "n_source": 3, "warmup_steps": 5, "log_every": 5,
                   "checkpoint_every": 20, "sample_every": 0, "sample_views": 3, "sample_steps": 4},
     },
     "cpu": {

@@ -91,6 +91,9 @@ class TrainConfig(DictConfig):
     ``HoloDiffusion.autoencoder_loss``); 0 trains on clean grids."""
     ae_colour_noise: float = 0.0
     """Std of that noise on the raw-colour channels (the larger of the two applies there)."""
+    ae_latent_l2: float = 0.0
+    """Weight of the penalty on the squared local latent channels in the autoencoder phase (see
+    ``HoloDiffusion.autoencoder_loss``)."""
     bootstrap_prob: float = 0.5
     """Probability of the second (bootstrapped) denoising pass."""
     bootstrap_latent_weight: float = 1.0
@@ -300,7 +303,7 @@ class Trainer(RunLoop):
         images, cams, targets, cat = self.scene_batch(gen)
         if phase == "autoencoder":
             return m.autoencoder_loss(images, cams, targets, gen, cfg.mask_weight, cfg.ae_latent_noise,
-                                      cfg.ae_colour_noise)
+                                      cfg.ae_colour_noise, cfg.ae_latent_l2)
         return m.bootstrap_loss(images, cams, targets, cat, gen, cfg.mask_weight, cfg.bootstrap_prob,
                                 cfg.bootstrap_latent_weight)
 

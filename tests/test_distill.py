@@ -1,0 +1,199 @@
+"""Distillation and the pipeline on tiny models: the fit beats its starting grid on the targets, the patch loss forgives
+small shifts and nothing more, the initial grid reproduces the coarse fields, seeds reproduce, the callback stops
+every stage, presets and bad input."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from holofusion.distill import (DistillConfig, ExplicitField, distill, initial_grid, patch_loss, sharpness,
+                                view_cameras)
+from holofusion.errors import UserError
+from holofusion.grid import VoxelGrid
+from holofusion.pipeline import PRESETS, HoloFusionPipeline, PipelineCancelled, with_distill
+from holofusion.render import RenderConfig, render_grid
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_preset(**distill_changes):
+    """The standard preset shrunk to tiny-model sizes (16 px views, a 16^3 grid, a few dozen steps)."""
+    settings = dict(resolution=16, iterations=40, patches=4, patch_size=8, resample_every=15, window=5)
+    pre = with_distill(PRESETS["standard"], **{**settings, **distill_changes})
+    return replace(pre, views=4, sr_steps=3, coarse_steps=5)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models) -> HoloFusionPipeline:
+    return HoloFusionPipeline.from_pretrained(str(tiny_models["pipeline"]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pieces
+
+
+def test_patch_loss_forgives_shifts_up_to_the_tolerance_only():
+    g = torch.Generator().manual_seed(0)
+    big = torch.rand(2, 3, 14, 14, generator=g)
+    target = big[..., 3:13, 2:12]  # the window at offset (3, 2) of big: 1 px off the centre (2, 2) in y
+    render = big[..., 1:13, 1:13]  # the 12 x 12 render centred on (2, 2) + 1 px margin
+    assert torch.allclose(patch_loss(render, target, 1), torch.zeros(2), atol=1e-7)
+    assert bool((patch_loss(render[..., 1:11, 1:11], target, 0) > 1e-3).all())  # no tolerance: an error
+    far = big[..., 4:14, 4:14]  # 2 px off in x as well: beyond a tolerance of 1
+    assert bool((patch_loss(render, far, 1) > 1e-3).all())
+
+
+def test_initial_grid_reproduces_the_coarse_fields(pipe):
+    coarse = pipe.coarse(3, None, 5, None)
+    init = initial_grid(coarse, pipe.hd.decoder, 24)
+    assert init.features.shape == (1, 4, 24, 24, 24)
+    pts = init.cell_centers()[::37][None]
+    with torch.no_grad():
+        want = pipe.hd.decoder(coarse.sample(pts)[0])
+        got = ExplicitField()(init.sample(pts)[0])
+    torch.testing.assert_close(got.density_raw, want.density_raw, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.rgb, pipe.hd.decoder.albedo(coarse.sample(pts)[0]).clamp(1e-3, 1 - 1e-3),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_view_cameras_cover_the_band_and_look_at_the_object():
+    cams = view_cameras(16, 9.0, 2.0, 32, (-5.0, 50.0))
+    centres = cams.center()
+    assert torch.allclose(centres.norm(dim=-1), torch.full((16,), 9.0), atol=1e-4)
+    uv = cams.project(torch.zeros(16, 1, 3))
+    assert torch.allclose(uv, torch.full_like(uv, 16.0), atol=1e-3)  # the origin at every image's centre
+    up = -centres[:, 1] / 9.0  # world up is -Y
+    elev = torch.rad2deg(torch.asin(up))
+    assert float(elev.min()) > -5.0 and float(elev.max()) < 50.0 and float(elev.max() - elev.min()) > 40.0
+    az = torch.atan2(centres[:, 2], centres[:, 0])
+    assert len(set((torch.rad2deg(az) // 45).tolist())) == 8  # every 45-degree sector holds a view
+
+
+def _render_error(grid: VoxelGrid, cams, views: torch.Tensor) -> float:
+    with torch.no_grad():
+        out = render_grid(grid, ExplicitField(), cams, RenderConfig(n_coarse=48, n_fine=24))
+    return float((out.rgb.permute(0, 3, 1, 2) - views).abs().mean())
+
+
+def test_distillation_recovers_a_known_object(pipe):
+    """Consistent targets (renders of a known sphere coloured by position) from the coarse grid's start: the fit
+    must get most of the way there."""
+    coarse = pipe.coarse(3, None, 5, None)
+    init = initial_grid(coarse, pipe.hd.decoder, 16)
+    c = init.cell_centers()
+    f = torch.stack([torch.where(c.norm(dim=-1) < 1.2, 5.0, -5.0), 2 * c[:, 0], 2 * c[:, 1], -torch.ones(len(c))])
+    truth = VoxelGrid(f.reshape(1, 4, 16, 16, 16), init.box_min, init.box_max)
+    cams = view_cameras(8, 9.0, 3.0, 32)
+    with torch.no_grad():
+        views = render_grid(truth, ExplicitField(), cams, RenderConfig(n_coarse=64, n_fine=32)).rgb.permute(0, 3, 1, 2)
+    cfg = DistillConfig(resolution=16, iterations=100, patches=8, patch_size=8, resample_every=0, tolerance=0.0)
+    res = distill(init, views, cams, cfg, torch.Generator().manual_seed(0))
+    before, after = _render_error(init, cams, views), _render_error(res.grid, cams, views)
+    assert after < 0.4 * before, f"{before:.4f} -> {after:.4f}"
+    assert res.iterations == 100 and len(res.losses) == 100
+
+
+def test_distilled_renders_match_the_super_resolved_views_better_than_the_coarse_start(pipe):
+    pre = small_preset(resample_every=0, iterations=60, tolerance=0.0)
+    coarse = pipe.coarse(3, None, 5, None)
+    cams, cond = pipe.conditions(coarse, pre)
+    views = pipe.super_resolve(cond, 3, 3, None)
+    init = initial_grid(coarse, pipe.hd.decoder, 16)
+    res = distill(init, views, cams, pre.distill, torch.Generator().manual_seed(0))
+    # The tiny super-resolution model's views disagree with each other a lot; a single grid fits what they share.
+    before, after = _render_error(init, cams, views), _render_error(res.grid, cams, views)
+    assert after < 0.95 * before, f"distilled renders are no closer to the targets: {before:.4f} -> {after:.4f}"
+
+
+def test_distillation_stops_early_when_converged(pipe):
+    pre = small_preset(resample_every=0, iterations=400, tolerance=0.5, window=5)
+    coarse = pipe.coarse(3, None, 5, None)
+    cams, cond = pipe.conditions(coarse, pre)
+    views = pipe.super_resolve(cond, 3, 3, None)
+    res = distill(initial_grid(coarse, pipe.hd.decoder, 16), views, cams, pre.distill,
+                  torch.Generator().manual_seed(0))
+    assert res.converged and res.iterations < 400
+
+
+def test_sharpness_measures_edges():
+    flat = torch.full((1, 3, 16, 16), 0.5)
+    stripes = flat.clone()
+    stripes[..., ::2] = 1.0
+    assert sharpness(flat) == 0.0 and sharpness(stripes) > 0.3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def test_same_seed_same_object_other_seed_other_object(pipe):
+    pre = small_preset()
+    a, b = pipe(3, preset=pre), pipe(3, preset=pre)
+    assert torch.equal(a.coarse.features, b.coarse.features)
+    assert torch.equal(a.views, b.views)
+    assert torch.equal(a.distilled.features, b.distilled.features)
+    c = pipe(4, preset=pre)
+    assert not torch.equal(a.coarse.features, c.coarse.features)
+    assert a.views.shape == (4, 3, 16, 16) and a.distilled.features.shape == (1, 4, 16, 16, 16)
+    grid, field = a.field()
+    assert grid is a.distilled and isinstance(field, ExplicitField)
+
+
+def test_draft_is_the_coarse_stage_only(pipe):
+    out = pipe(3, preset="draft")
+    assert out.views is None and out.distilled is None
+    grid, decoder = out.field()
+    assert grid is out.coarse and decoder is pipe.hd.decoder
+    same = pipe.coarse(3, None, PRESETS["draft"].coarse_steps, None)
+    assert torch.equal(out.coarse.features, same.features)
+
+
+@pytest.mark.parametrize("stage", ["coarse", "superres", "distill"])
+def test_the_callback_stops_each_stage(pipe, stage):
+    seen: list[tuple[str, int, int]] = []
+
+    def callback(s, step, total, preview):
+        seen.append((s, step, total))
+        return s != stage or step < 2
+
+    with pytest.raises(PipelineCancelled) as e:
+        pipe(3, preset=small_preset(), callback=callback)
+    assert e.value.stage == stage
+    assert seen[-1][0] == stage and seen[-1][1] == 2  # stopped right after the step that said so
+    order = ["coarse", "superres", "distill"]
+    assert [s for s in order if any(x[0] == s for x in seen)] == order[:order.index(stage) + 1]
+
+
+def test_the_callback_gets_distillation_previews(pipe):
+    previews = []
+    pipe(3, preset=small_preset(), callback=lambda s, i, n, p: previews.append(p) if p is not None else None)
+    assert previews and all(p.shape == (16, 16, 3) for p in previews)
+
+
+def test_bad_input(pipe, tiny_models, tmp_path):
+    with pytest.raises(UserError, match="preset 'ultra' is unknown"):
+        pipe(0, preset="ultra")
+    with pytest.raises(UserError, match="category 'donut'"):
+        pipe(0, category="donut", preset="draft")
+    with pytest.raises(UserError, match="neither a folder nor a shipped model"):
+        HoloFusionPipeline.from_pretrained(str(tmp_path / "nothing"))
+    only_hd = tmp_path / "only_hd"
+    only_hd.mkdir()
+    (only_hd / "holodiffusion.safetensors").write_bytes((tiny_models["pipeline"] / "holodiffusion.safetensors")
+                                                        .read_bytes())
+    draft_only = HoloFusionPipeline.from_pretrained(str(only_hd))
+    assert draft_only(1, preset="draft").distilled is None
+    with pytest.raises(UserError, match="needs a super-resolution model"):
+        draft_only(1, preset="standard")
+    with pytest.raises(ValueError, match="patch_size"):
+        distill(initial_grid(pipe.coarse(1, None, 3, None), pipe.hd.decoder, 8), torch.rand(1, 3, 8, 8),
+                view_cameras(1, 9.0, 2.0, 8), DistillConfig(patch_size=16), torch.Generator().manual_seed(0))
