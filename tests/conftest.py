@@ -8,6 +8,15 @@ import pytest
 import torch
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: bit-identical results and no oversubscription of a 2-core runner."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """{"data", "holodiffusion", "superres", "pipeline"}: a 6-object apple set (8 views, 32 px), a tiny HoloDiffusion

@@ -36,12 +36,7 @@ def _diffusers():
     return diffusers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_denoiser(schedule: NoiseSchedule, mu: float = MU, s: float = S, calls: list | None = None):

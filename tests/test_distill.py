@@ -17,12 +17,7 @@ from holofusion.pipeline import PRESETS, HoloFusionPipeline, PipelineCancelled, 
 from holofusion.render import RenderConfig, render_grid
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_preset(**distill_changes):

@@ -16,12 +16,7 @@ from holofusion.train_superres import PAIRS, SuperResTrainer, train_superres
 from holofusion.weights import load_weights
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**train) -> dict:

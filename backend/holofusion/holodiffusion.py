@@ -323,27 +323,9 @@ def load_holodiffusion(path: str, device: str | torch.device = "cpu") -> HoloDif
     Raises ``UserError`` with a clear sentence for a missing file, a file that is not safetensors, or a safetensors
     file that is not a HoloDiffusion model.
     """
-    from pathlib import Path
+    from .weights import load_model
 
-    from .errors import UserError
-    from .weights import load_weights
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.safetensors"
-    state, meta = load_weights(p, device)
-    if meta["kind"] != "holodiffusion":
-        raise UserError(f"{str(p)!r} holds a {meta['kind']!r} model, not a HoloDiffusion model")
-    try:
-        config = HoloDiffusionConfig.from_dict(meta["config"])
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{str(p)!r}: its stored config is not valid ({e})") from None
-    model = HoloDiffusion(config).to(device)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[1].strip() if len(str(e).strip().splitlines()) > 1 else str(e)
-        raise UserError(f"{str(p)!r}: its weights do not fit its stored config ({first})") from None
-    model.eval()
+    model, meta = load_model(path, "holodiffusion", lambda cfg: HoloDiffusion(HoloDiffusionConfig.from_dict(cfg)),
+                             device, "a HoloDiffusion model")
     model.info = meta["info"]
     return model

@@ -5,17 +5,30 @@ exactly and always leaves its latest curve and sheets on disk."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
+from torch import Tensor
 from tqdm import tqdm
 
-__all__ = ["RunLoop"]
+from .weights import atomic_torch_save, load_torch_state, load_weights, save_weights
+
+__all__ = ["RunLoop", "CHECKPOINT", "TRAIN_STATE", "MODEL"]
+
+CHECKPOINT = "checkpoint.safetensors"
+TRAIN_STATE = "train_state.pt"
+MODEL = "model.safetensors"
 
 
 class RunLoop:
     """Mixin for trainers. A subclass sets ``cfg`` (with ``total_steps``, ``log_every``, ``checkpoint_every`` and
     ``sample_every``), ``step``, ``history``, ``progress``, ``rank``, ``out`` and ``phase_names``, and implements
-    ``train_step() -> stats``, ``save()`` and ``write_pictures()``."""
+    ``train_step() -> stats``, ``save()`` and ``write_pictures()``.
+
+    For the checkpoint helpers: ``model`` (whose ``unet`` is the denoiser), ``ema`` (an EMA copy of it), ``opt`` and
+    ``config``. A run folder holds ``checkpoint.safetensors`` (model + EMA, config in the metadata),
+    ``train_state.pt`` (optimizer, step, loss history; read back with ``weights_only=True``) and
+    ``model.safetensors`` (the EMA weights in the model's place: what inference loads)."""
 
     cfg: Any
     step: int
@@ -56,6 +69,36 @@ class RunLoop:
                 else:
                     self.write_curve()
         bar.close()
+
+    def inference_state(self) -> dict[str, Tensor]:
+        """The model's weights with the EMA denoiser in place of the raw one (what sampling uses)."""
+        state = self.model.state_dict()
+        for k, v in self.ema.state_dict().items():
+            state[f"unet.{k}"] = v
+        return state
+
+    def save_run(self, kind: str, info: dict[str, Any]) -> None:
+        """Writes the three files of a checkpoint (each atomically)."""
+        out = Path(self.out)
+        out.mkdir(parents=True, exist_ok=True)
+        state = dict(self.model.state_dict())
+        state.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        save_weights(out / CHECKPOINT, state, f"{kind}-checkpoint", self.config, info)
+        atomic_torch_save({"optimizer": self.opt.state_dict(), "step": self.step,
+                           "history": [[float(v) for v in h.values()] for h in self.history],
+                           "history_keys": [list(h.keys()) for h in self.history]}, out / TRAIN_STATE)
+        save_weights(out / MODEL, self.inference_state(), kind, self.config["model"], info)
+
+    def load_run(self) -> None:
+        """Restores model, EMA, optimizer, step and history from the run folder's checkpoint."""
+        out = Path(self.out)
+        state, _ = load_weights(out / CHECKPOINT, self.device)
+        self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("ema.")})
+        self.ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
+        ts = load_torch_state(out / TRAIN_STATE)
+        self.opt.load_state_dict(ts["optimizer"])
+        self.step = int(ts["step"])
+        self.history = [dict(zip(k, v)) for k, v in zip(ts["history_keys"], ts["history"])]
 
     def write_curve(self) -> None:
         if self.rank == 0:

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from .configbase import DictConfig
 from .diffusion import NoiseSchedule, StepCallback, per_object_noise, sample
-from .errors import UserError
 
 __all__ = ["SuperResConfig", "SuperRes", "Condition", "load_superres"]
 
@@ -197,23 +196,8 @@ class SuperRes(nn.Module):
 def load_superres(path: str, device: str | torch.device = "cpu") -> tuple[SuperRes, dict[str, Any]]:
     """A trained super-resolution model from a weights file or a run folder (its ``model.safetensors``, the EMA
     weights) and the file's ``info`` (which HoloDiffusion model it was trained on, steps, ...)."""
-    from pathlib import Path
+    from .weights import load_model
 
-    from .weights import load_weights
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.safetensors"
-    state, meta = load_weights(p, device)
-    if meta["kind"] != "superres":
-        raise UserError(f"{str(p)!r} holds a {meta['kind']!r} model, not a super-resolution model")
-    try:
-        config = SuperResConfig.from_dict(meta["config"])
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{str(p)!r}: its stored config is not valid ({e})") from None
-    model = SuperRes(config).to(device)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{str(p)!r}: its weights do not fit its stored config ({str(e).splitlines()[0]})") from None
-    return model.eval(), meta["info"]
+    model, meta = load_model(path, "superres", lambda cfg: SuperRes(SuperResConfig.from_dict(cfg)), device,
+                             "a super-resolution model")
+    return model, meta["info"]

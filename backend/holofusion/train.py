@@ -37,15 +37,12 @@ from .configs import resolve_config
 from .data.co3d import Co3dDataset
 from .errors import UserError
 from .holodiffusion import HoloDiffusion, HoloDiffusionConfig, Targets
-from .runloop import RunLoop
-from .weights import atomic_torch_save, load_torch_state, load_weights, save_weights
+from .runloop import CHECKPOINT, MODEL, TRAIN_STATE, RunLoop
+from .weights import load_weights, save_weights
 
 __all__ = ["TrainConfig", "Trainer", "train_holodiffusion", "PHASES"]
 
 PHASES = ("autoencoder", "latent", "bootstrap")
-CHECKPOINT = "checkpoint.safetensors"
-TRAIN_STATE = "train_state.pt"
-MODEL = "model.safetensors"
 LATENTS = "latents.safetensors"
 
 
@@ -350,37 +347,16 @@ class Trainer(RunLoop):
             e.lerp_(p, 1 - decay)
 
     # ------------------------------------------------------------------ checkpoints
-    def inference_state(self) -> dict[str, Tensor]:
-        """The model's weights with the EMA denoiser in place of the raw one (what sampling uses)."""
-        state = self.model.state_dict()
-        for k, v in self.ema.state_dict().items():
-            state[f"unet.{k}"] = v
-        return state
-
     def save(self) -> None:
         if self.rank != 0:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
         info = {"step": self.step, "phase": self.cfg.phase(max(self.step - 1, 0)), "data": self.data_root,
                 "image_size": self.cfg.image_size, "n_source": self.cfg.n_source,
                 "categories": self.categories, "objects": len(self.sequences)}
-        state = dict(self.model.state_dict())
-        state.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
-        save_weights(self.out / CHECKPOINT, state, "holodiffusion-checkpoint", self.config, info)
-        atomic_torch_save({"optimizer": self.opt.state_dict(), "step": self.step,
-                           "history": [[float(v) for v in h.values()] for h in self.history],
-                           "history_keys": [list(h.keys()) for h in self.history]}, self.out / TRAIN_STATE)
-        save_weights(self.out / MODEL, self.inference_state(), "holodiffusion", self.config["model"], info)
+        self.save_run("holodiffusion", info)
 
     def _load(self) -> None:
-        state, meta = load_weights(self.out / CHECKPOINT, self.device)
-        ema = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
-        self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("ema.")})
-        self.ema.load_state_dict(ema)
-        ts = load_torch_state(self.out / TRAIN_STATE)
-        self.opt.load_state_dict(ts["optimizer"])
-        self.step = int(ts["step"])
-        self.history = [dict(zip(k, v)) for k, v in zip(ts["history_keys"], ts["history"])]
+        self.load_run()
         if self.cfg.phase(self.step) != "autoencoder" or self.step > self.cfg.ae_steps:
             if (self.out / LATENTS).is_file():
                 self.build_latent_cache()  # reads the cached file

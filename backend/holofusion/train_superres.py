@@ -35,16 +35,13 @@ from .configs import SUPERRES_BUILTIN, resolve_config
 from .data.co3d import Co3dDataset
 from .errors import UserError
 from .holodiffusion import HoloDiffusion, load_holodiffusion
-from .runloop import RunLoop
+from .runloop import CHECKPOINT, MODEL, TRAIN_STATE, RunLoop
 from .superres import Condition, SuperRes, SuperResConfig
 from .train import step_generator
-from .weights import atomic_torch_save, load_torch_state, load_weights, save_weights
+from .weights import load_weights, save_weights
 
 __all__ = ["SuperResTrainConfig", "SuperResTrainer", "train_superres", "coarse_conditions"]
 
-CHECKPOINT = "checkpoint.safetensors"
-TRAIN_STATE = "train_state.pt"
-MODEL = "model.safetensors"
 PAIRS = "pairs.safetensors"
 
 
@@ -223,33 +220,15 @@ class SuperResTrainer(RunLoop):
         return stats
 
     # ------------------------------------------------------------------ checkpoints
-    def inference_state(self) -> dict[str, Tensor]:
-        state = self.model.state_dict()
-        for k, v in self.ema.state_dict().items():
-            state[f"unet.{k}"] = v
-        return state
-
     def _info(self) -> dict[str, Any]:
         return {"step": self.step, "holodiffusion": self.hd_path, "data": self.data_root,
                 "categories": self.categories, "objects": len(self.sequences)}
 
     def save(self) -> None:
-        state = dict(self.model.state_dict())
-        state.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
-        save_weights(self.out / CHECKPOINT, state, "superres-checkpoint", self.config, self._info())
-        atomic_torch_save({"optimizer": self.opt.state_dict(), "step": self.step,
-                           "history": [[float(v) for v in h.values()] for h in self.history],
-                           "history_keys": [list(h.keys()) for h in self.history]}, self.out / TRAIN_STATE)
-        save_weights(self.out / MODEL, self.inference_state(), "superres", self.config["model"], self._info())
+        self.save_run("superres", self._info())
 
     def _load(self) -> None:
-        state, _ = load_weights(self.out / CHECKPOINT, self.device)
-        self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("ema.")})
-        self.ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
-        ts = load_torch_state(self.out / TRAIN_STATE)
-        self.opt.load_state_dict(ts["optimizer"])
-        self.step = int(ts["step"])
-        self.history = [dict(zip(k, v)) for k, v in zip(ts["history_keys"], ts["history"])]
+        self.load_run()
         if (self.out / PAIRS).is_file():
             self.build_pairs()
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import UserError
 
-__all__ = ["save_weights", "load_weights", "read_metadata", "atomic_torch_save", "load_torch_state"]
+__all__ = ["save_weights", "load_weights", "read_metadata", "atomic_torch_save", "load_torch_state", "load_model"]
 
 FORMAT = "holofusion"
 
@@ -61,6 +61,34 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     """(state dict, metadata) of a weights file."""
     meta = read_metadata(path)
     return load_file(str(path), device=str(device)), meta
+
+
+def load_model(path: str | os.PathLike, kind: str, build: Any, device: str | torch.device = "cpu",
+               what: str = "model") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Builds and loads a model of ``kind`` from a weights file or a run folder (its ``model.safetensors``).
+
+    ``build(config_dict) -> nn.Module`` makes the (untrained) model from the stored config; ``what`` names the kind
+    in messages ("a HoloDiffusion model"). Every failure is a one-sentence ``UserError``: a missing file, a file
+    that is not safetensors, a model of another kind, a stored config that is not valid, weights that do not fit.
+    Returns the model (on ``device``, in eval mode) and the file's metadata.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    state, meta = load_weights(p, device)
+    if meta["kind"] != kind:
+        raise UserError(f"{str(p)!r} holds a {meta['kind']!r} model, not {what}")
+    try:
+        model = build(meta["config"]).to(device)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{str(p)!r}: its stored config is not valid ({e})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise UserError(f"{str(p)!r}: its weights do not fit its stored config "
+                        f"({(lines[1] if len(lines) > 1 else lines[0]).strip()})") from None
+    return model.eval(), meta
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
