@@ -5,3 +5,6 @@ but is written in plain torch: pytorch3d has no installable build for this platf
 """
 
 __version__ = "0.1.0"
+
+DEFAULT_MODEL = "apple"
+"""The shipped model (a folder under models/) that ``holofusion generate`` and the server use by default."""

@@ -1,0 +1,172 @@
+"""`holofusion generate`: seeds -> .glb assets (and a preview PNG beside each), with a progress bar per stage.
+
+Each object runs the pipeline (``pipeline.py``) at the chosen preset, then the mesh chain (``mesh/asset.py``) on the
+most detailed grid that ran, and is written atomically before it is reported, so an interrupted batch keeps every
+object it finished. ``--count K`` makes K objects with consecutive seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import DEFAULT_MODEL
+from .errors import UserError
+from .mesh.asset import AssetConfig, make_asset
+from .mesh.extract import MeshConfig
+from .pipeline import MODELS_DIR, PRESETS, HoloFusionPipeline, PipelineOutput
+
+__all__ = ["GenerateJob", "generate", "output_paths", "list_models", "preview_strip", "DEFAULT_MODEL"]
+
+@dataclass
+class GenerateJob:
+    """One ``holofusion generate`` call."""
+
+    model: str = DEFAULT_MODEL
+    category: str | None = None
+    seed: int = 0
+    preset: str = "standard"
+    count: int = 1
+    out: str = "object.glb"
+    texture_size: int = 1024
+    faces: int = 20000
+    size_m: float | None = None
+    device: str = "cpu"
+
+
+def output_paths(out: str, seeds: list[int]) -> list[Path]:
+    """The .glb path of each seed: ``out`` itself for one object, ``<stem>-<seed>.glb`` beside it for several.
+    A clear ``UserError`` for a path without the .glb extension or in a folder that does not exist."""
+    p = Path(out)
+    if p.suffix.lower() != ".glb":
+        raise UserError(f"--out {out!r} must end in .glb (binary glTF), e.g. --out apple.glb")
+    if not p.parent.is_dir():
+        raise UserError(f"--out {out!r}: the folder {str(p.parent)!r} does not exist; create it first")
+    if len(seeds) == 1:
+        return [p]
+    return [p.with_name(f"{p.stem}-{s}{p.suffix}") for s in seeds]
+
+
+@torch.no_grad()
+def preview_strip(output: PipelineOutput, views: int = 4, size: int = 192) -> np.ndarray:
+    """(size, views * size, 3) uint8: a turntable of the object's most detailed grid."""
+    from .cameras import PerspectiveCamera, fly_around_cameras
+    from .render import RenderConfig, render_grid
+
+    grid, field = output.field()
+    cams = fly_around_cameras(views, 9.0, 20.0, 2.0, (size, size)).to(grid.features.device)
+    out = render_grid(grid, field, PerspectiveCamera.stack([cams]), RenderConfig(n_coarse=64, n_fine=32,
+                                                                                 chunk_rays=4096))
+    rgb = out.rgb.clamp(0, 1).cpu().numpy()
+    return (np.concatenate(list(rgb), axis=1) * 255 + 0.5).astype(np.uint8)
+
+
+class _StageBars:
+    """The pipeline callback as one tqdm bar per stage."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label, self.enabled = label, enabled
+        self.stage: str | None = None
+        self.bar: tqdm | None = None
+
+    def __call__(self, stage: str, step: int, total: int, preview) -> bool:
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=f"{self.label} {stage}", unit="step", disable=not self.enabled,
+                            leave=False)
+        self.bar.update(step - self.bar.n)
+        return True
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def generate(job: GenerateJob, progress: bool = True) -> list[dict[str, Any]]:
+    """Runs a job; returns one record per object written (paths, seed, faces, seconds per stage)."""
+    if job.preset not in PRESETS:
+        raise UserError(f"--preset {job.preset!r} is unknown; choose from {', '.join(PRESETS)}")
+    if job.count < 1:
+        raise UserError(f"--count must be at least 1; got {job.count}")
+    try:
+        cfg = AssetConfig(texture_size=job.texture_size, size_m=job.size_m,
+                          mesh=MeshConfig(target_faces=job.faces))
+    except ValueError as e:
+        raise UserError(f"bad mesh option: {e}") from None
+    seeds = [job.seed + i for i in range(job.count)]
+    paths = output_paths(job.out, seeds)
+    pipe = HoloFusionPipeline.from_pretrained(job.model, job.device)
+    records = []
+    for seed, path in zip(seeds, paths):
+        bars = _StageBars(f"seed {seed}", progress)
+        t0 = time.perf_counter()
+        try:
+            out = pipe(seed, job.category, job.preset, bars)
+        finally:
+            bars.close()
+        t_pipe = time.perf_counter() - t0
+        grid, field = out.field()
+        asset = make_asset(grid, field, cfg, job.category or (pipe.categories[0] if len(pipe.categories) == 1
+                                                             else None))
+        extras = {"holofusion": {"model": pipe.name, "seed": seed, "category": job.category, "preset": job.preset,
+                                 "size_m": round(float(np.ptp(asset.mesh.vertices, 0).max()), 4)}}
+        from .mesh.gltf import write_glb
+
+        write_glb(path, asset.glb(name=f"{job.category or pipe.name}_{seed}", extras=extras))
+        preview = path.with_suffix(".png")
+        _write_png(preview, preview_strip(out))
+        records.append({"path": str(path), "preview": str(preview), "seed": seed, "faces": asset.mesh.n_faces,
+                        "pipeline_s": round(t_pipe, 2), **{f"{k}_s": round(v, 3) for k, v in asset.timings.items()}})
+    return records
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    import os
+
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.partial")
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def list_models(root: Path = MODELS_DIR) -> list[dict[str, Any]]:
+    """The shipped models: name, categories, stages present, and the training steps of each stage."""
+    from .weights import read_metadata
+
+    rows = []
+    if not root.is_dir():
+        return rows
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        hd = d / "holodiffusion.safetensors"
+        if not hd.is_file():
+            continue
+        meta = read_metadata(hd)
+        sr = d / "superres.safetensors"
+        rows.append({"name": d.name, "categories": meta["config"].get("categories", []),
+                     "holodiffusion_step": meta["info"].get("step"),
+                     "superres": sr.is_file(),
+                     "presets": list(PRESETS) if sr.is_file() else ["draft"]})
+    return rows
+
+
+def format_models(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return f"no models in {MODELS_DIR}"
+    lines = [f"{'name':<16} {'categories':<32} presets"]
+    for r in rows:
+        lines.append(f"{r['name']:<16} {','.join(r['categories']):<32} {', '.join(r['presets'])}")
+    return "\n".join(lines)
+
+
+def records_json(records: list[dict[str, Any]]) -> str:
+    return json.dumps(records, indent=2)
