@@ -21,7 +21,7 @@ from . import DEFAULT_MODEL
 from .errors import UserError
 from .mesh.asset import AssetConfig, make_asset
 from .mesh.extract import MeshConfig
-from .pipeline import MODELS_DIR, PRESETS, HoloFusionPipeline, PipelineOutput
+from .pipeline import MODELS_DIR, PRESETS, HoloFusionPipeline, PipelineOutput, Preset
 
 __all__ = ["GenerateJob", "generate", "output_paths", "list_models", "preview_strip", "DEFAULT_MODEL"]
 
@@ -32,7 +32,8 @@ class GenerateJob:
     model: str = DEFAULT_MODEL
     category: str | None = None
     seed: int = 0
-    preset: str = "standard"
+    preset: str | Preset = "standard"
+    """A preset name, or a ``Preset`` (Python callers: custom sizes)."""
     count: int = 1
     out: str = "object.glb"
     texture_size: int = 1024
@@ -93,7 +94,7 @@ class _StageBars:
 
 def generate(job: GenerateJob, progress: bool = True) -> list[dict[str, Any]]:
     """Runs a job; returns one record per object written (paths, seed, faces, seconds per stage)."""
-    if job.preset not in PRESETS:
+    if isinstance(job.preset, str) and job.preset not in PRESETS:
         raise UserError(f"--preset {job.preset!r} is unknown; choose from {', '.join(PRESETS)}")
     if job.count < 1:
         raise UserError(f"--count must be at least 1; got {job.count}")
@@ -117,7 +118,8 @@ def generate(job: GenerateJob, progress: bool = True) -> list[dict[str, Any]]:
         grid, field = out.field()
         asset = make_asset(grid, field, cfg, job.category or (pipe.categories[0] if len(pipe.categories) == 1
                                                              else None))
-        extras = {"holofusion": {"model": pipe.name, "seed": seed, "category": job.category, "preset": job.preset,
+        preset = job.preset if isinstance(job.preset, str) else "custom"
+        extras = {"holofusion": {"model": pipe.name, "seed": seed, "category": job.category, "preset": preset,
                                  "size_m": round(float(np.ptp(asset.mesh.vertices, 0).max()), 4)}}
         from .mesh.gltf import write_glb
 

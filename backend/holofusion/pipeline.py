@@ -230,6 +230,9 @@ class HoloFusionPipeline:
                 pre: Preset, callback: PipelineCallback | None) -> tuple[VoxelGrid, int]:
         """Stage 3: the explicit high-resolution grid fitted to the views, and the iterations it took."""
         cfg = pre.distill
+        side = min(views.shape[-2:])
+        if cfg.patch_size + 2 * cfg.shift_tolerance > side:  # a small super-resolution model's views
+            cfg = replace(cfg, patch_size=max(2, side - 2 * cfg.shift_tolerance))
         with torch.no_grad():
             init = initial_grid(coarse, self.hd.decoder, cfg.resolution)
 

@@ -1,0 +1,84 @@
+"""`holofusion generate` and `holofusion models`: objects written as valid .glb files with previews, consecutive seeds,
+the same seed giving the same file, and bad input as one line with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from holofusion.errors import UserError
+from holofusion.generate import GenerateJob, generate, list_models, output_paths
+from holofusion.mesh.gltf import read_glb
+from holofusion.pipeline import PRESETS, with_distill
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small_preset():
+    pre = with_distill(PRESETS["standard"], resolution=24, iterations=30, patches=4, patch_size=8,
+                       resample_every=15, window=5)
+    return replace(pre, views=4, sr_steps=3, coarse_steps=5)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "holofusion.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_generate_writes_consecutive_seeds_as_glb_with_previews(tiny_models, tmp_path):
+    job = GenerateJob(model=str(tiny_models["pipeline"]), seed=5, count=2, preset=small_preset(),
+                      out=str(tmp_path / "apple.glb"), texture_size=128, faces=2000)
+    records = generate(job, progress=False)
+    assert [r["seed"] for r in records] == [5, 6]
+    for r in records:
+        data = read_glb(open(r["path"], "rb").read())
+        assert 0 < data["faces"].shape[0] <= 2000
+        assert data["json"]["nodes"][0]["extras"]["holofusion"]["seed"] == r["seed"]
+        assert np.isclose(data["positions"][:, 1].min(), 0.0, atol=1e-6)  # on the ground
+        assert np.isclose(np.ptp(data["positions"], 0).max(), 0.08, atol=1e-5)  # an apple's default size
+        assert open(r["preview"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "apple-5.glb").is_file() and (tmp_path / "apple-6.png").is_file()
+    again = generate(replace(job, count=1, seed=6, out=str(tmp_path / "again.glb")), progress=False)
+    assert open(again[0]["path"], "rb").read() == open(records[1]["path"], "rb").read()
+
+
+def test_output_paths(tmp_path):
+    assert output_paths(str(tmp_path / "a.glb"), [3]) == [tmp_path / "a.glb"]
+    assert [p.name for p in output_paths(str(tmp_path / "a.GLB"), [3, 4])] == ["a-3.GLB", "a-4.GLB"]
+    with pytest.raises(UserError, match="must end in .glb"):
+        output_paths("a.obj", [1])
+    with pytest.raises(UserError, match="does not exist"):
+        output_paths("/no/such/folder/a.glb", [1])
+
+
+def test_bad_input_is_one_line_and_exit_2(tiny_models, tmp_path):
+    model = str(tiny_models["pipeline"])
+    cases = {
+        "wrong extension": ["generate", "--model", model, "--out", str(tmp_path / "a.obj")],
+        "missing folder": ["generate", "--model", model, "--out", str(tmp_path / "nope" / "a.glb")],
+        "unknown preset": ["generate", "--model", model, "--preset", "ultra", "--out", str(tmp_path / "a.glb")],
+        "unknown model": ["generate", "--model", "no-such-model", "--out", str(tmp_path / "a.glb")],
+        "unknown category": ["generate", "--model", model, "--category", "donut", "--preset", "draft",
+                             "--out", str(tmp_path / "a.glb")],
+        # the tiny model's coarse grids are too faint to hold a surface: a clear message, and no file
+        "nothing to extract": ["generate", "--model", model, "--preset", "draft", "--out", str(tmp_path / "a.glb")],
+    }
+    for name, args in cases.items():
+        r = cli(*args)
+        assert r.returncode == 2, (name, r.stdout, r.stderr[-2000:])
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("holofusion: error:") and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
+    assert "nothing to extract" in cli(*cases["nothing to extract"]).stderr
+    assert not any(tmp_path.glob("*.glb"))
+
+
+def test_models_lists_the_shipped_models():
+    rows = list_models()
+    r = cli("models")
+    assert r.returncode == 0
+    for row in rows:
+        assert row["name"] in r.stdout
