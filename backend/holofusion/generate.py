@@ -116,8 +116,12 @@ def generate(job: GenerateJob, progress: bool = True) -> list[dict[str, Any]]:
             bars.close()
         t_pipe = time.perf_counter() - t0
         grid, field = out.field()
-        asset = make_asset(grid, field, cfg, job.category or (pipe.categories[0] if len(pipe.categories) == 1
-                                                             else None))
+        category = job.category or (pipe.categories[0] if len(pipe.categories) == 1 else None)
+        bars = _StageBars(f"seed {seed}", progress)
+        try:
+            asset = make_asset(grid, field, cfg, category, lambda name, i, n: bars("asset", i, n, None))
+        finally:
+            bars.close()
         preset = job.preset if isinstance(job.preset, str) else "custom"
         extras = {"holofusion": {"model": pipe.name, "seed": seed, "category": job.category, "preset": preset,
                                  "size_m": round(float(np.ptp(asset.mesh.vertices, 0).max()), 4)}}

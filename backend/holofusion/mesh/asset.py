@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,21 +101,33 @@ def to_gltf_space(vertices: np.ndarray, size_m: float) -> tuple[np.ndarray, floa
     return ((v - centre) * scale).astype(np.float32), scale
 
 
+STEPS = ("mesh", "uv_atlas", "bake")
+
+
 def make_asset(grid: VoxelGrid, field_fn: nn.Module, config: AssetConfig | None = None,
-               category: str | None = None) -> Asset:
+               category: str | None = None, callback: Callable[[str, int, int], Any] | None = None) -> Asset:
     """Mesh, unwrap and bake one grid (batch of 1) rendered by ``field_fn`` (a ``Decoder`` or ``ExplicitField``).
 
-    Raises ``EmptyGridError`` (a ``UserError``) when the grid holds no surface.
+    ``callback(step_name, i, total)`` is called after each of ``STEPS`` (for progress bars). Raises
+    ``EmptyGridError`` (a ``UserError``) when the grid holds no surface.
     """
     cfg = config or AssetConfig()
     timings: dict[str, float] = {}
+
+    def done(i: int) -> None:
+        if callback is not None:
+            callback(STEPS[i], i + 1, len(STEPS))
+
     welded = extract_mesh(grid, field_fn, cfg.mesh, timings)
+    done(0)
     t0 = time.perf_counter()
     world, source = unwrap(welded, cfg.texture_size, cfg.padding)
     timings["uv_atlas"] = time.perf_counter() - t0
+    done(1)
     t0 = time.perf_counter()
     texture, _ = bake_albedo(world, grid, field_fn, cfg.texture_size, dilate=cfg.padding)
     timings["bake"] = time.perf_counter() - t0
+    done(2)
     verts, scale = to_gltf_space(world.vertices, cfg.size_m or default_size(category))
     mesh = Mesh(verts, world.faces, world.uvs)
     # Normals of the welded mesh, so the copies of a seam vertex share one normal and no shading seam shows; the
