@@ -96,6 +96,8 @@ class ExplicitField(nn.Module):
     Interchangeable with ``Decoder`` for the renderer, surface extraction and baking (``forward``, ``albedo``)."""
 
     channels = 4
+    density_channel = 0
+    """Density is channel 0 alone, untouched by the other channels (lets lookups of density only skip the rest)."""
 
     def forward(self, features: Tensor, directions: Tensor | None = None) -> DecoderOutput:
         return DecoderOutput(features[..., 0], torch.sigmoid(features[..., 1:4]), features[..., 4:4])

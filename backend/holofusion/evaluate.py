@@ -166,10 +166,16 @@ def density_lattice(grid: VoxelGrid, decoder: Decoder, activation: str = "softpl
     zz, yy, xx = torch.meshgrid(ax[2], ax[1], ax[0], indexing="ij")
     pts = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3).to(grid.dtype)
     b = grid.batch_size
+    # A decoder that reads density from channel 0 alone (``ExplicitField.density_channel``) needs only that channel
+    # interpolated: a quarter of the lookups of the distilled grid's four.
+    channel = getattr(decoder, "density_channel", None)
+    source = VoxelGrid(grid.features[:, channel:channel + 1], grid.box_min, grid.box_max) if channel is not None \
+        else grid
     out = []
     for start in range(0, pts.shape[0], chunk):
         p = pts[start:start + chunk].unsqueeze(0).expand(b, -1, -1)
-        raw = decoder(grid.sample(p)).density_raw
+        looked_up = source.sample(p)
+        raw = looked_up[..., 0] if channel is not None else decoder(looked_up).density_raw
         out.append(activate_density(raw, activation))
     return torch.cat(out, dim=1).view(b, lattice, lattice, lattice)
 

@@ -26,6 +26,9 @@ def unwrap(mesh: Mesh, texture_size: int = 1024, padding: int = 4) -> tuple[Mesh
     atlas = xatlas.Atlas()
     atlas.add_mesh(np.ascontiguousarray(mesh.vertices, np.float32), np.ascontiguousarray(mesh.faces, np.uint32))
     charts = xatlas.ChartOptions()
+    # No extra chart-growing refinement passes: a quarter of the unwrap's time, charts about as good (measured on
+    # a 20,000-face blob: 8 charts either way, utilisation 0.64 against 0.66).
+    charts.max_iterations = 0
     pack = xatlas.PackOptions()
     pack.resolution = int(texture_size)
     pack.padding = int(padding) + 1

@@ -1,0 +1,350 @@
+"""The HoloFusion wire protocol, version 1 (docs/PROTOCOL.md is the specification; this is its reference codec).
+
+Pure standard library (no torch, no numpy, no zmq): the Blender add-on carries this very file.
+
+A message is a list of byte frames (after any ZeroMQ routing identities):
+
+    [DELIMITER, signature, header, content, buffer_0, ..., buffer_n-1]
+
+- ``DELIMITER`` = b"<HOLOFUSION|1>".
+- ``signature``: lowercase hex HMAC-SHA256, keyed by the connection's shared key, over every later frame, each
+  preceded by its length as 8 bytes big-endian (so frames cannot be re-cut without breaking it).
+- ``header``: UTF-8 JSON object: ``msg_id`` (32 hex), ``msg_type``, ``version`` ("1.x"), ``client_id``, ``seq``
+  (integer, strictly increasing per client_id and session), ``time`` (seconds since the epoch); optional
+  ``job_id`` and ``reply_to`` (the msg_id answered).
+- ``content``: UTF-8 JSON object, fields per message type (``SCHEMAS``).
+- buffers: raw bytes described by ``content["buffers"]`` (a list of {"name", "kind", "dtype", "shape"} where kind is
+  "array" or "png"); arrays are little-endian, C order.
+
+Everything a peer sends is checked before it is used: frame count and sizes, the signature (constant-time compare),
+a cache of recent signatures (replays are refused), the version, JSON shape, and per-type fields and ranges. Every
+refusal is a ``ProtocolError`` with a stable ``code`` and a sentence a user can act on. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import struct
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["PROTOCOL_VERSION", "DELIMITER", "Message", "ProtocolError", "Signer", "ReplayGuard", "encode", "decode",
+           "SCHEMAS", "ERROR_CODES", "Limits", "pack_array", "unpack_array", "new_key"]
+
+PROTOCOL_VERSION = "1.0"
+DELIMITER = b"<HOLOFUSION|1>"
+
+ERROR_CODES = {
+    "malformed": "the message is not a HoloFusion message (frames, JSON or fields are wrong)",
+    "bad_signature": "the message is unsigned or its signature does not match the connection key",
+    "replayed": "the message was already received (same signature, or a sequence number not above the last)",
+    "version": "the message speaks a protocol version this peer does not",
+    "too_large": "the message exceeds a size limit",
+    "unknown_type": "the message type is not one this peer knows",
+    "invalid_request": "a request field is missing or out of range",
+    "unknown_model": "no such model on this backend",
+    "unknown_category": "the model does not know that category",
+    "unknown_job": "no job with that id",
+    "busy": "the queue is full",
+    "cancelled": "the job was cancelled",
+    "generation_failed": "the backend could not make the object",
+    "worker_lost": "the worker running the job stopped answering",
+    "shutting_down": "the backend is shutting down",
+}
+
+
+class ProtocolError(Exception):
+    """A refused message: ``code`` (one of ``ERROR_CODES``) and a sentence."""
+
+    def __init__(self, code: str, message: str):
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown protocol error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sizes a peer accepts (and sets as ZMQ_MAXMSGSIZE / checks per frame)."""
+
+    max_frames: int = 64
+    max_json_bytes: int = 1 << 20
+    max_message_bytes: int = 256 << 20
+    max_clock_skew_s: float = 300.0
+
+
+def new_key() -> str:
+    """A fresh random connection key (64 hex characters, 256 bits)."""
+    return os.urandom(32).hex()
+
+
+class Signer:
+    """HMAC-SHA256 over length-prefixed frames."""
+
+    def __init__(self, key: str | bytes):
+        key = key.encode() if isinstance(key, str) else bytes(key)
+        if not key:
+            raise ValueError("the connection key is empty; messages must be signed")
+        self._key = key
+
+    def sign(self, frames: list[bytes]) -> bytes:
+        mac = hmac.new(self._key, digestmod=hashlib.sha256)
+        for f in frames:
+            mac.update(struct.pack(">Q", len(f)))
+            mac.update(f)
+        return mac.hexdigest().encode("ascii")
+
+    def verify(self, signature: bytes, frames: list[bytes]) -> bool:
+        return bool(signature) and hmac.compare_digest(signature, self.sign(frames))
+
+
+class ReplayGuard:
+    """Refuses a signature seen before (a bounded cache) and, per client, a sequence number not above the last."""
+
+    def __init__(self, capacity: int = 65536):
+        self.capacity = capacity
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._last_seq: dict[str, int] = {}
+
+    def check(self, signature: bytes, client_id: str, seq: int) -> None:
+        if signature in self._seen:
+            raise ProtocolError("replayed", "this message was already received (a replay); it is ignored")
+        last = self._last_seq.get(client_id)
+        if last is not None and seq <= last:
+            raise ProtocolError("replayed", f"sequence number {seq} from client {client_id!r} is not above the last "
+                                            f"one received ({last}); the message is ignored")
+        self._seen[signature] = None
+        if len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+        self._last_seq[client_id] = seq
+
+    def forget(self, client_id: str) -> None:
+        """A client that says hello again starts a new session (its sequence restarts)."""
+        self._last_seq.pop(client_id, None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# message types
+
+
+def _int(lo: int | None = None, hi: int | None = None):
+    return ("int", lo, hi)
+
+
+_STR = ("str", None, None)
+_OPT_STR = ("str?", None, None)
+_NUM = ("num", None, None)
+_BOOL = ("bool", None, None)
+_OBJ = ("obj", None, None)
+_LIST = ("list", None, None)
+
+MAX_SEED = 2**31 - 1
+MAX_COUNT = 1000
+
+SCHEMAS: dict[str, dict[str, tuple]] = {
+    # client -> server
+    "hello": {"client": _STR},
+    "generate": {"model": _OPT_STR, "category": _OPT_STR, "seed": _int(0, MAX_SEED), "preset": _STR,
+                 "count": _int(1, MAX_COUNT), "options": _OBJ, "request_id": _STR},
+    "cancel": {"job_id": _STR},
+    "status": {},
+    "fetch": {"job_id": _STR},
+    "ping": {},
+    "free_memory": {},
+    # server -> client
+    "welcome": {"server": _STR, "version": _STR, "device": _STR, "memory": _OBJ, "models": _LIST, "presets": _LIST,
+                "limits": _OBJ},
+    "accepted": {"job_id": _STR, "request_id": _STR, "position": _int(0), "seeds": _LIST},
+    "progress": {"job_id": _STR, "index": _int(0), "stage": _STR, "step": _int(0), "total": _int(0),
+                 "elapsed_s": _NUM, "eta_s": _NUM},
+    "preview": {"job_id": _STR, "index": _int(0), "stage": _STR},
+    "result": {"job_id": _STR, "index": _int(0), "seed": _int(0, MAX_SEED), "metadata": _OBJ},
+    "done": {"job_id": _STR, "results": _int(0)},
+    "error": {"code": _STR, "message": _STR},
+    "cancelled": {"job_id": _STR},
+    "status_reply": {"queue": _LIST, "running": _LIST, "workers": _int(0)},
+    "pong": {},
+    "memory_freed": {"memory": _OBJ},
+}
+
+
+def _check_field(msg_type: str, name: str, value: Any, spec: tuple) -> None:
+    kind, lo, hi = spec
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "str?": value is None or isinstance(value, str),
+        "num": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "obj": isinstance(value, dict),
+        "list": isinstance(value, list),
+    }[kind]
+    if not ok:
+        raise ProtocolError("invalid_request", f"{msg_type}: field {name!r} must be {kind.rstrip('?')}"
+                                               f"{' or null' if kind.endswith('?') else ''}; got {type(value).__name__}")
+    if kind == "int" and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+        raise ProtocolError("invalid_request", f"{msg_type}: field {name!r} = {value} is out of range "
+                                               f"[{lo}, {hi if hi is not None else 'inf'}]")
+    if kind in ("str", "str?") and value is not None and len(value) > 4096:
+        raise ProtocolError("invalid_request", f"{msg_type}: field {name!r} is longer than 4096 characters")
+
+
+def validate_content(msg_type: str, content: dict[str, Any]) -> None:
+    """Raises ``ProtocolError`` unless ``content`` has every field of ``msg_type`` with the right type and range."""
+    schema = SCHEMAS.get(msg_type)
+    if schema is None:
+        raise ProtocolError("unknown_type", f"message type {msg_type!r} is not part of protocol {PROTOCOL_VERSION}; "
+                                            f"known: {', '.join(sorted(SCHEMAS))}")
+    for name, spec in schema.items():
+        if name not in content:
+            raise ProtocolError("invalid_request", f"{msg_type}: field {name!r} is missing")
+        _check_field(msg_type, name, content[name], spec)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# messages and buffers
+
+
+@dataclass
+class Message:
+    """A decoded (or to-be-encoded) message."""
+
+    msg_type: str
+    content: dict[str, Any] = field(default_factory=dict)
+    buffers: list[bytes] = field(default_factory=list)
+    header: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def msg_id(self) -> str:
+        return self.header.get("msg_id", "")
+
+    @property
+    def job_id(self) -> str | None:
+        return self.content.get("job_id") or self.header.get("job_id")
+
+    def buffer(self, name: str) -> tuple[dict[str, Any], bytes]:
+        """(description, bytes) of the buffer called ``name``."""
+        for desc, data in zip(self.content.get("buffers", []), self.buffers):
+            if desc.get("name") == name:
+                return desc, data
+        raise KeyError(name)
+
+
+_DTYPES = {"float32": ("f", 4), "uint32": ("I", 4), "int32": ("i", 4), "uint8": ("B", 1)}
+
+
+def pack_array(name: str, data: bytes | memoryview, dtype: str, shape: list[int]) -> tuple[dict[str, Any], bytes]:
+    """A buffer description + bytes for little-endian C-order array data (e.g. ``numpy_array.tobytes()``)."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    raw = bytes(data)
+    n = 1
+    for s in shape:
+        n *= int(s)
+    if len(raw) != n * _DTYPES[dtype][1]:
+        raise ValueError(f"{name}: {len(raw)} bytes do not hold a {dtype} array of shape {shape}")
+    return {"name": name, "kind": "array", "dtype": dtype, "shape": [int(s) for s in shape]}, raw
+
+
+def unpack_array(desc: dict[str, Any], data: bytes) -> tuple[list, list[int]]:
+    """(flat list of numbers, shape) of an array buffer, checked against its description (no numpy needed)."""
+    dtype, shape = desc.get("dtype"), desc.get("shape")
+    if dtype not in _DTYPES or not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise ProtocolError("malformed", f"buffer {desc.get('name')!r}: bad dtype or shape")
+    code, size = _DTYPES[dtype]
+    n = 1
+    for s in shape:
+        n *= s
+    if len(data) != n * size:
+        raise ProtocolError("malformed", f"buffer {desc.get('name')!r}: {len(data)} bytes for {n} {dtype} values")
+    return list(struct.unpack(f"<{n}{code}", data)), shape
+
+
+def encode(msg: Message, signer: Signer, client_id: str, seq: int, job_id: str | None = None,
+           reply_to: str | None = None) -> list[bytes]:
+    """The frames of ``msg`` (header filled in here; its ``msg_id`` and ``time`` are fresh)."""
+    validate_content(msg.msg_type, msg.content)
+    descs = msg.content.get("buffers", [])
+    if len(descs) != len(msg.buffers):
+        raise ValueError(f"{len(msg.buffers)} buffers but {len(descs)} buffer descriptions")
+    header = {"msg_id": uuid.uuid4().hex, "msg_type": msg.msg_type, "version": PROTOCOL_VERSION,
+              "client_id": client_id, "seq": int(seq), "time": time.time()}
+    if job_id is not None:
+        header["job_id"] = job_id
+    if reply_to is not None:
+        header["reply_to"] = reply_to
+    msg.header = header
+    body = [json.dumps(header, separators=(",", ":")).encode(), json.dumps(msg.content, separators=(",", ":"),
+                                                                             allow_nan=False).encode()]
+    body += [bytes(b) for b in msg.buffers]
+    return [DELIMITER, signer.sign(body)] + body
+
+
+def _json_object(frame: bytes, what: str, limits: Limits) -> dict[str, Any]:
+    if len(frame) > limits.max_json_bytes:
+        raise ProtocolError("too_large", f"the {what} is {len(frame)} bytes; at most {limits.max_json_bytes}")
+    try:
+        value = json.loads(frame.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ProtocolError("malformed", f"the {what} is not valid UTF-8 JSON ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise ProtocolError("malformed", f"the {what} must be a JSON object")
+    return value
+
+
+def decode(frames: list[bytes], signer: Signer, replay: ReplayGuard | None = None,
+           limits: Limits = Limits(), now: float | None = None) -> Message:
+    """Checks and decodes frames (routing identities already removed). Raises ``ProtocolError``."""
+    if not isinstance(frames, list) or not all(isinstance(f, (bytes, bytearray, memoryview)) for f in frames):
+        raise ProtocolError("malformed", "a message is a list of byte frames")
+    frames = [bytes(f) for f in frames]
+    if len(frames) < 4 or frames[0] != DELIMITER:
+        if frames and frames[0].startswith(b"<HOLOFUSION|") and frames[0] != DELIMITER:
+            raise ProtocolError("version", f"the peer speaks {frames[0][1:-1].decode('latin-1')!r}; this one speaks "
+                                           f"protocol {PROTOCOL_VERSION}")
+        raise ProtocolError("malformed", "expected frames [<HOLOFUSION|1>, signature, header, content, buffers...]")
+    if len(frames) > limits.max_frames:
+        raise ProtocolError("too_large", f"{len(frames)} frames; at most {limits.max_frames}")
+    total = sum(len(f) for f in frames)
+    if total > limits.max_message_bytes:
+        raise ProtocolError("too_large", f"the message is {total} bytes; at most {limits.max_message_bytes}")
+    signature, body = frames[1], frames[2:]
+    if not signer.verify(signature, body):
+        raise ProtocolError("bad_signature", "the message is unsigned or signed with another key; check that the "
+                                             "client uses this backend's connection file")
+    header = _json_object(body[0], "header", limits)
+    content = _json_object(body[1], "content", limits)
+    version = header.get("version")
+    if not isinstance(version, str) or version.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
+        raise ProtocolError("version", f"the peer speaks protocol {version!r}; this one speaks {PROTOCOL_VERSION}")
+    for name, kind in (("msg_id", str), ("msg_type", str), ("client_id", str), ("seq", int), ("time", (int, float))):
+        value = header.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ProtocolError("malformed", f"header field {name!r} is missing or of the wrong type")
+    t = now if now is not None else time.time()
+    if abs(float(header["time"]) - t) > limits.max_clock_skew_s:
+        raise ProtocolError("replayed", f"the message is stamped {float(header['time']) - t:+.0f} s from now (more "
+                                        f"than {limits.max_clock_skew_s:.0f} s): a replay or a wrong clock")
+    msg_type = header["msg_type"]
+    validate_content(msg_type, content)
+    descs = content.get("buffers", [])
+    if not isinstance(descs, list) or len(descs) != len(body) - 2 or not all(isinstance(d, dict) for d in descs):
+        raise ProtocolError("malformed", f"{len(body) - 2} buffers but the content describes "
+                                         f"{len(descs) if isinstance(descs, list) else 'none'}")
+    if replay is not None:
+        if msg_type == "hello":
+            replay.forget(header["client_id"])
+        replay.check(signature, header["client_id"], header["seq"])
+    return Message(msg_type, content, body[2:], header)
+
+
+def error_message(code: str, message: str) -> Message:
+    """An ``error`` reply."""
+    return Message("error", {"code": code, "message": message})
