@@ -247,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_evaluate(sub)
     _add_generate(sub)
+    _add_serve(sub)
     _add_models(sub)
     return parser
 
@@ -273,6 +274,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--size", type=float, default=None, metavar="METRES",
                    help="largest side of the object in metres (default: a real-world size per category, "
                         "e.g. 0.08 for an apple)")
+    p.add_argument("--opacity-length", type=float, default=1.0, metavar="L",
+                   help="surface threshold: where a slab L world units thick is half opaque (default: 1.0; larger "
+                        "values put the surface further out, in fainter density)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.set_defaults(func=_cmd_generate)
 
@@ -282,9 +286,38 @@ def _cmd_generate(args) -> int:
 
     job = GenerateJob(model=args.model, category=args.category, seed=args.seed, preset=args.preset,
                       count=args.count, out=args.out, texture_size=args.texture_size, faces=args.faces,
-                      size_m=args.size, device=args.device)
+                      size_m=args.size, opacity_length=args.opacity_length, device=args.device)
     for rec in generate(job):
         print(f"wrote {rec['path']} (seed {rec['seed']}, {rec['faces']} faces) and {rec['preview']}")
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run the backend the Blender extension talks to",
+                       description="Run the HoloFusion backend: a ZeroMQ ROUTER server speaking the protocol in "
+                                   "docs/PROTOCOL.md. It listens on loopback only, writes a connection file (address "
+                                   "and a fresh key, owner-only permissions) and prints its path; every result is "
+                                   "stored before it is sent. Stop it with Ctrl-C.")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1; loopback only "
+                                                       "in this version)")
+    p.add_argument("--port", type=int, default=0, help="port (default: 0, a free one; see the connection file)")
+    p.add_argument("--connection-file", default=None, metavar="PATH",
+                   help="where to write the connection file (default: ~/.config/holofusion/backend-<pid>.json)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--store", default=None, metavar="DIR",
+                   help="folder for finished results (default: ~/.config/holofusion/store)")
+    p.add_argument("--models", default=None, metavar="DIR",
+                   help="folder of model folders (default: the shipped models/)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    from .server.app import ServeConfig, serve
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: choose 0 (any free port) or 1..65535")
+    serve(ServeConfig(host=args.host, port=args.port, connection_file=args.connection_file, device=args.device,
+                      store=args.store, models=args.models))
     return 0
 
 

@@ -39,6 +39,7 @@ class GenerateJob:
     texture_size: int = 1024
     faces: int = 20000
     size_m: float | None = None
+    opacity_length: float = 1.0
     device: str = "cpu"
 
 
@@ -100,7 +101,7 @@ def generate(job: GenerateJob, progress: bool = True) -> list[dict[str, Any]]:
         raise UserError(f"--count must be at least 1; got {job.count}")
     try:
         cfg = AssetConfig(texture_size=job.texture_size, size_m=job.size_m,
-                          mesh=MeshConfig(target_faces=job.faces))
+                          mesh=MeshConfig(target_faces=job.faces, opacity_length=job.opacity_length))
     except ValueError as e:
         raise UserError(f"bad mesh option: {e}") from None
     seeds = [job.seed + i for i in range(job.count)]

@@ -1,0 +1,199 @@
+"""End to end against a real `holofusion serve` process with a tiny model: hello, generate with progress, results that
+rebuild the stored mesh exactly, fetch after a reconnect, deduplicated retries, cancel mid-stage, hostile and
+unsigned frames, the server killed mid-job, and the connection file's permissions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from holofusion.client import BackendError, BackendLost, Client, result_mesh
+from holofusion.mesh.gltf import read_glb
+from holofusion.server.protocol import DELIMITER, Message, Signer, decode, encode
+
+# The tiny model's coarse grids are faint: a long opacity length puts their surface in fainter density.
+OPTIONS = {"opacity_length": 20.0, "texture_size": 128, "faces": 2000}
+
+
+class Backend:
+    def __init__(self, models: Path, tmp: Path, store: Path | None = None):
+        self.conn = tmp / f"conn-{time.monotonic_ns()}.json"
+        self.store = store or tmp / "store"
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        self.proc = subprocess.Popen([sys.executable, "-m", "holofusion.cli", "serve", "--models", str(models),
+                                      "--store", str(self.store), "--connection-file", str(self.conn),
+                                      "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        deadline = time.monotonic() + 60
+        while not self.conn.is_file():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"backend did not start: {self.proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models) -> Path:
+    return tiny_models["pipeline"].parent  # holds the "pipe" model folder
+
+
+@pytest.fixture
+def backend(models, tmp_path):
+    b = Backend(models, tmp_path)
+    yield b
+    b.stop()
+
+
+def test_generate_streams_progress_and_results_that_rebuild_the_stored_mesh(backend):
+    with Client(backend.conn) as c:
+        welcome = c.hello()
+        assert welcome["device"] == "cpu" and [m["name"] for m in welcome["models"]] == ["pipe"]
+        job = c.generate(seed=3, model="pipe", preset="draft", count=2, options=OPTIONS)
+        events = list(c.events(job))
+    kinds = [e.msg_type for e in events]
+    assert kinds[-1] == "done" and kinds.count("result") == 2 and "progress" in kinds
+    progress = [e.content for e in events if e.msg_type == "progress"]
+    assert {p["stage"] for p in progress} == {"coarse"} and progress[-1]["step"] == progress[-1]["total"]
+    results = [e for e in events if e.msg_type == "result"]
+    assert [r.content["seed"] for r in results] == [3, 4]
+    for r in results:
+        mesh = result_mesh(r)
+        stored = read_glb((backend.store / job / f"{r.content['index']}.glb").read_bytes())
+        pos, shape = mesh["positions"]
+        assert np.array_equal(np.asarray(pos, np.float32).reshape(shape), stored["positions"])
+        faces, fshape = mesh["faces"]
+        assert np.array_equal(np.asarray(faces, np.uint32).reshape(fshape), stored["faces"])
+        assert mesh["texture"] == stored["png"]
+        assert (backend.store / job / f"{r.content['index']}.png").is_file()
+
+
+def test_fetch_after_reconnect_and_retried_requests_run_once(backend):
+    with Client(backend.conn) as c:
+        c.hello()
+        job = c.generate(seed=5, model="pipe", preset="draft", options=OPTIONS, request_id="same")
+        again = c.generate(seed=5, model="pipe", preset="draft", options=OPTIONS, request_id="same")
+        assert again == job
+        list(c.events(job))
+    with Client(backend.conn) as other:  # a new connection (e.g. Blender restarted)
+        other.hello()
+        fetched = other.fetch(job)
+    assert [m.content["seed"] for m in fetched] == [5]
+    assert json.loads((backend.store / job / "job.json").read_text())["state"] == "done"
+    assert len(list((backend.store / job).glob("*.glb"))) == 1  # one run, not two
+
+
+def test_cancel_mid_stage(backend):
+    with Client(backend.conn) as c:
+        c.hello()
+        job = c.generate(seed=1, model="pipe", preset="standard", options=OPTIONS)
+        seen = []
+        for e in c.events(job):
+            seen.append(e)
+            if e.msg_type == "progress" and e.content["stage"] == "distill" and e.content["step"] == 3:
+                c.cancel(job)
+        assert seen[-1].msg_type == "cancelled"
+        distill_steps = [e.content["step"] for e in seen if e.msg_type == "progress" and e.content["stage"] == "distill"]
+        assert max(distill_steps) <= 5  # honoured within a step or two of the request
+        assert c.status()["running"] == []
+    assert json.loads((backend.store / job / "job.json").read_text())["state"] == "cancelled"
+
+
+def test_bad_requests_get_typed_errors(backend):
+    with Client(backend.conn) as c:
+        c.hello()
+        for kwargs, code in (({"model": "nope"}, "unknown_model"), ({"category": "donut"}, "unknown_category"),
+                             ({"preset": "ultra"}, "invalid_request")):
+            with pytest.raises(BackendError) as e:
+                c.generate(**{"seed": 0, "model": "pipe", "preset": "draft", **kwargs})
+            assert e.value.code == code
+
+
+def test_hostile_frames_leave_the_server_serving(backend):
+    info = json.loads(backend.conn.read_text())
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://127.0.0.1:{info['port']}")
+    rng = np.random.default_rng(0)
+    good = Signer(info["key"])
+    wrong = Signer("not the key")
+    codes = []
+
+    def answer() -> str | None:
+        if not s.poll(2000):
+            return None
+        m = decode(s.recv_multipart(), good)
+        return m.content.get("code") if m.msg_type == "error" else m.msg_type
+
+    s.send_multipart(encode(Message("ping"), wrong, "x", 1))
+    codes.append(answer())
+    ping = encode(Message("ping"), good, "x", 1)
+    s.send_multipart([DELIMITER, b""] + ping[2:])  # unsigned
+    codes.append(answer())
+    s.send_multipart(ping)
+    codes.append(answer())
+    s.send_multipart(ping)  # replayed
+    codes.append(answer())
+    s.send_multipart(ping[:3])  # truncated
+    codes.append(answer())
+    assert codes == ["bad_signature", "bad_signature", "pong", "replayed", "malformed"]
+    for _ in range(2000):
+        n = int(rng.integers(0, 6))
+        s.send_multipart([bytes(rng.integers(0, 256, int(rng.integers(0, 64)), dtype=np.uint8)) for _ in range(n)]
+                         or [b""])
+    time.sleep(1.0)
+    with Client(backend.conn) as c:  # still serving
+        assert c.ping() < 1.0
+    s.close(0)
+
+
+def test_connection_file_is_owner_only(backend):
+    mode = stat.S_IMODE(os.stat(backend.conn).st_mode)
+    assert mode == 0o600
+    info = json.loads(backend.conn.read_text())
+    assert info["ip"] == "127.0.0.1" and len(info["key"]) == 64
+
+
+def test_server_killed_mid_job_is_reported_and_a_restart_serves_with_the_store_intact(models, tmp_path):
+    first = Backend(models, tmp_path)
+    with Client(first.conn) as c:  # the default timeouts
+        c.hello()
+        done_job = c.generate(seed=2, model="pipe", preset="draft", options=OPTIONS)
+        list(c.events(done_job))
+        job = c.generate(seed=1, model="pipe", preset="standard", options=OPTIONS)
+        t_kill = None
+        with pytest.raises(BackendLost):
+            for e in c.events(job):
+                if t_kill is None and e.msg_type == "progress" and e.content["stage"] == "distill":
+                    first.kill()
+                    t_kill = time.monotonic()
+        assert time.monotonic() - t_kill < 3.0
+    second = Backend(models, tmp_path, store=first.store)
+    try:
+        with Client(second.conn) as c:
+            c.hello()
+            assert [m.content["seed"] for m in c.fetch(done_job)] == [2]
+            job3 = c.generate(seed=9, model="pipe", preset="draft", options=OPTIONS)
+            assert [e.msg_type for e in c.events(job3)][-1] == "done"
+    finally:
+        second.stop()
