@@ -278,6 +278,8 @@ def _add_generate(sub) -> None:
                    help="surface threshold: where a slab L world units thick is half opaque (default: 1.0; larger "
                         "values put the surface further out, in fainter density)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--server", default=None, metavar="CONNECTION_FILE",
+                   help="run on a backend (holofusion serve) instead of in this process: its connection file")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -287,6 +289,17 @@ def _cmd_generate(args) -> int:
     job = GenerateJob(model=args.model, category=args.category, seed=args.seed, preset=args.preset,
                       count=args.count, out=args.out, texture_size=args.texture_size, faces=args.faces,
                       size_m=args.size, opacity_length=args.opacity_length, device=args.device)
+    if args.server:
+        from .client import BackendError, BackendLost
+        from .generate import generate_remote
+
+        try:
+            records = generate_remote(job, args.server)
+        except (BackendError, BackendLost) as e:
+            raise UserError(f"backend: {e}") from None
+        for rec in records:
+            print(f"wrote {rec['path']} (seed {rec['seed']}, {rec['faces']} faces; job {rec['job_id']})")
+        return 0
     for rec in generate(job):
         print(f"wrote {rec['path']} (seed {rec['seed']}, {rec['faces']} faces) and {rec['preview']}")
     return 0

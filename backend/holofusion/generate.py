@@ -136,6 +136,48 @@ def generate(job: GenerateJob, progress: bool = True) -> list[dict[str, Any]]:
     return records
 
 
+def generate_remote(job: GenerateJob, server: str, progress: bool = True) -> list[dict[str, Any]]:
+    """Runs a job on a backend (``holofusion serve``) given its connection file: the same files as ``generate``,
+    rebuilt from the result messages' arrays and texture."""
+    from .client import Client, result_mesh
+    from .mesh.gltf import glb_bytes
+
+    if not isinstance(job.preset, str):
+        raise UserError("a backend takes presets by name: draft, standard or high")
+    seeds = [job.seed + i for i in range(job.count)]
+    paths = output_paths(job.out, seeds)
+    records = []
+    with Client(server) as client:
+        client.hello()
+        job_id = client.generate(seed=job.seed, model=job.model, category=job.category, preset=job.preset,
+                                 count=job.count, options={"texture_size": job.texture_size, "faces": job.faces,
+                                                           "size_m": job.size_m,
+                                                           "opacity_length": job.opacity_length})
+        bars = _StageBars("", progress)
+        try:
+            for event in client.events(job_id):
+                c = event.content
+                if event.msg_type == "progress":
+                    bars.label = f"seed {seeds[c['index']]}"
+                    bars(c["stage"], c["step"], c["total"], None)
+                elif event.msg_type == "result":
+                    bars.close()
+                    mesh = result_mesh(event)
+                    arrays = {k: np.asarray(mesh[k][0], np.float32 if k != "faces" else np.uint32)
+                              .reshape(mesh[k][1]) for k in ("positions", "normals", "uvs", "faces")}
+                    path = paths[c["index"]]
+                    from .mesh.gltf import write_glb
+
+                    write_glb(path, glb_bytes(arrays["positions"], arrays["normals"], arrays["uvs"],
+                                              arrays["faces"], mesh["texture"], name=f"object_{c['seed']}",
+                                              extras={"holofusion": c["metadata"]}))
+                    records.append({"path": str(path), "seed": c["seed"], "faces": int(arrays["faces"].shape[0]),
+                                    "job_id": job_id})
+        finally:
+            bars.close()
+    return records
+
+
 def _write_png(path: Path, image: np.ndarray) -> None:
     import os
 

@@ -197,3 +197,17 @@ def test_server_killed_mid_job_is_reported_and_a_restart_serves_with_the_store_i
             assert [e.msg_type for e in c.events(job3)][-1] == "done"
     finally:
         second.stop()
+
+
+def test_generate_cli_through_the_backend(backend, tmp_path):
+    out = tmp_path / "remote.glb"
+    r = subprocess.run([sys.executable, "-m", "holofusion.cli", "generate", "--server", str(backend.conn),
+                        "--model", "pipe", "--preset", "draft", "--seed", "4", "--opacity-length", "20",
+                        "--texture-size", "128", "--faces", "2000", "--out", str(out)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = read_glb(out.read_bytes())
+    assert data["json"]["nodes"][0]["extras"]["holofusion"]["seed"] == 4 and 0 < data["faces"].shape[0] <= 2000
+    bad = subprocess.run([sys.executable, "-m", "holofusion.cli", "generate", "--server", str(tmp_path / "no.json"),
+                          "--out", str(tmp_path / "x.glb")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no connection file" in bad.stderr
