@@ -63,3 +63,21 @@ def test_autoencoder_latent_noise_is_seeded_and_off_by_default(source_run):
     assert loss(0.3, 1) == loss(0.3, 1) != clean  # seeded, and it does change the grid that is rendered
     with pytest.raises(ValueError, match="generator"):
         m.autoencoder_loss(images, cams, targets, None, 0.1, 0.3)
+
+
+def test_init_from_a_model_file_takes_every_weight_and_keeps_its_normalisation(source_run, tmp_path):
+    data, src = source_run
+    model_file = src / "model.safetensors"
+    t = train_holodiffusion(str(data), "apple", "tiny", str(tmp_path / "cont"), max_steps=32, progress=False,
+                            init_from=str(model_file))
+    assert t.step == 32  # continued from the file's step 31 in the latent phase
+    theirs, _ = load_weights(model_file)
+    ours, _ = load_weights(tmp_path / "cont" / CHECKPOINT)
+    for k in ("latent_mean", "latent_std", "encoder.proj.weight", "decoder.head.weight"):
+        assert torch.equal(theirs[k], ours[k]), k
+    assert not torch.equal(theirs["unet.conv_out.weight"], ours["unet.conv_out.weight"])  # it trained on
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"base": "tiny", "model": {"box_half_size": 2.0}}))
+    with pytest.raises(UserError, match="other model settings.*box_half_size"):
+        train_holodiffusion(str(data), "apple", str(cfg), str(tmp_path / "other"), progress=False,
+                            init_from=str(model_file))

@@ -192,6 +192,7 @@ class Trainer(RunLoop):
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.latents: Tensor | None = None
+        self._keep_normalisation = False
         self.latent_categories: Tensor | None = None
         self.data_stats: dict[str, float] | None = None
         if resume:
@@ -271,8 +272,11 @@ class Trainer(RunLoop):
             bar.update(len(chunk))
         bar.close()
         z = torch.cat(zs)
-        mean = z.mean(dim=(0, 2, 3, 4))
-        std = z.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+        if self._keep_normalisation:  # a denoiser trained on this normalisation came with the weights
+            mean, std = self.model.latent_mean.cpu().clone(), self.model.latent_std.cpu().clone()
+        else:
+            mean = z.mean(dim=(0, 2, 3, 4))
+            std = z.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
         self.model.latent_mean.copy_(mean.to(self.device))
         self.model.latent_std.copy_(std.to(self.device))
         self.latents = ((z - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)).contiguous()
@@ -363,7 +367,15 @@ class Trainer(RunLoop):
 
     def _init_from(self, source: Path) -> None:
         """Starts from another run's trained autoencoder (encoder + decoder) and its latent cache: a new denoiser
-        can then be compared with the old one on the same latent space without repeating the autoencoder phase."""
+        can then be compared with the old one on the same latent space without repeating the autoencoder phase.
+
+        ``source`` may also be a HoloDiffusion model file (e.g. a shipped ``models/<name>/holodiffusion.safetensors``):
+        then every weight is taken, the denoiser's too (as the network and as its EMA), and training continues in
+        the latent phase with a fresh optimizer; the latent cache is rebuilt from the data with that encoder (the
+        same data and encoder give the same cache and normalisation)."""
+        if source.is_file():
+            self._init_from_model(source)
+            return
         path = source / CHECKPOINT
         if not path.is_file():
             raise UserError(f"--init-from: {str(source)!r} holds no {CHECKPOINT}")
@@ -383,6 +395,24 @@ class Trainer(RunLoop):
             shutil.copyfile(source / LATENTS, self.out / LATENTS)
         if self.rank == 0:
             (self.out / "init_from.json").write_text(json.dumps({"source": str(source), "step": meta["info"]["step"]}))
+
+    def _init_from_model(self, source: Path) -> None:
+        state, meta = load_weights(source, self.device)
+        if meta["kind"] != "holodiffusion":
+            raise UserError(f"--init-from: {str(source)!r} holds a {meta['kind']!r} model, not a HoloDiffusion model")
+        if meta["config"] != self.model_config.to_dict():
+            ours = self.model_config.to_dict()
+            diff = sorted(k for k in ours if meta["config"].get(k) != ours[k])
+            raise UserError(f"--init-from: {str(source)!r} was built with other model settings ({', '.join(diff)}); "
+                            "use the config it was trained with")
+        self.model.load_state_dict(state)
+        self.ema.load_state_dict(self.model.unet.state_dict())
+        self._keep_normalisation = True
+        self.step = max(self.cfg.ae_steps, min(int(meta["info"].get("step", 0)),
+                                                self.cfg.ae_steps + self.cfg.latent_steps - 1))
+        if self.rank == 0:
+            (self.out / "init_from.json").write_text(json.dumps({"source": str(source), "step": meta["info"]["step"],
+                                                                "weights": "all"}))
 
     # ------------------------------------------------------------------ pictures
     def write_pictures(self) -> None:
