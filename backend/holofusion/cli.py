@@ -102,9 +102,11 @@ def _add_train(sub) -> None:
     h.add_argument("--max-steps", type=_positive_int("--max-steps"), default=None,
                    help="stop at this global step (the run can be resumed later)")
     h.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    h.add_argument("--init-from", default=None, metavar="RUN",
-                   help="start from another run's trained autoencoder and latent cache (skips the autoencoder "
-                        "phase; the encoder, decoder and grid settings must match)")
+    h.add_argument("--init-from", default=None, metavar="RUN_OR_MODEL",
+                   help="a run folder: start from its trained autoencoder and latent cache (skips the autoencoder "
+                        "phase; encoder, decoder and grid settings must match); or a HoloDiffusion model file "
+                        "(e.g. models/apple/holodiffusion.safetensors): continue training all its weights in the "
+                        "latent phase, with a fresh optimizer")
     h.set_defaults(func=_cmd_train_holodiffusion)
     r = tsub.add_parser("superres", help="train the 2D super-resolution model on a trained HoloDiffusion model",
                         description="Train HoloFusion's super-resolution diffusion model: it learns to turn "

@@ -76,12 +76,12 @@ class DistillConfig(DictConfig):
     render: RenderConfig = field(default_factory=lambda: RenderConfig(n_coarse=32, n_fine=16, chunk_rays=2048))
     """Ray marching of the distilled grid while fitting."""
 
-    @classmethod
-    def from_dict(cls, values):
-        values = dict(values)
-        if isinstance(values.get("render"), dict):
-            values["render"] = RenderConfig.from_dict(values["render"])
-        return super().from_dict(values)
+    def __post_init__(self) -> None:
+        self.resample_strength = tuple(float(x) for x in self.resample_strength)
+        if len(self.resample_strength) != 2 or not all(0 < x <= 1 for x in self.resample_strength):
+            raise ValueError(f"resample_strength must be two levels in (0, 1]; got {self.resample_strength}")
+        if self.resolution < 4 or self.iterations < 1 or self.patches < 1 or self.patch_size < 2:
+            raise ValueError("resolution >= 4, iterations >= 1, patches >= 1 and patch_size >= 2 are required")
 
     def to_dict(self):
         d = super().to_dict()

@@ -48,13 +48,6 @@ class AssetConfig(DictConfig):
     """Largest side of the object in metres (None: ``default_size`` of the category)."""
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
-    @classmethod
-    def from_dict(cls, values):
-        values = dict(values)
-        if isinstance(values.get("mesh"), dict):
-            values["mesh"] = MeshConfig.from_dict(values["mesh"])
-        return super().from_dict(values)
-
     def __post_init__(self) -> None:
         if not 16 <= self.texture_size <= 8192:
             raise ValueError(f"texture_size must be in 16..8192; got {self.texture_size}")
