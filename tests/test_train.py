@@ -1,13 +1,14 @@
 """Trainer features beyond the core step: branching a run from another run's autoencoder (--init-from)."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from holofusion.data.synth import synthesize
 from holofusion.errors import UserError
-from holofusion.train import CHECKPOINT, LATENTS, train_holodiffusion
+from holofusion.train import CHECKPOINT, LATENTS, TrainConfig, train_holodiffusion
 from holofusion.weights import load_weights
 
 
@@ -81,3 +82,18 @@ def test_init_from_a_model_file_takes_every_weight_and_keeps_its_normalisation(s
     with pytest.raises(UserError, match="other model settings.*box_half_size"):
         train_holodiffusion(str(data), "apple", str(cfg), str(tmp_path / "other"), progress=False,
                             init_from=str(model_file))
+
+
+def test_resume_with_a_longer_schedule_and_refusal_to_move_a_crossed_boundary(source_run, tmp_path):
+    data, src = source_run
+    run = tmp_path / "copy"
+    shutil.copytree(src, run)
+    longer = tmp_path / "longer.json"
+    longer.write_text(json.dumps({"base": "tiny", "train": {"latent_steps": 45}}))
+    t = train_holodiffusion(str(data), "apple", str(longer), str(run), resume=True, max_steps=33, progress=False)
+    assert t.step == 33 and t.cfg.latent_steps == 45 and t.cfg.total_steps == 30 + 45 + 10
+    assert t.cfg.lr == TrainConfig.from_dict(t.config["train"]).lr
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps({"base": "tiny", "train": {"ae_steps": 40}}))
+    with pytest.raises(UserError, match="cannot change ae_steps"):
+        train_holodiffusion(str(data), "apple", str(moved), str(run), resume=True, progress=False)

@@ -95,8 +95,10 @@ def _add_train(sub) -> None:
                                     "(samples.png) are written to --out; --resume continues exactly.")
     h.add_argument("--data", required=True, help="CO3Dv2-format dataset root")
     h.add_argument("--categories", required=True, help="comma-separated categories, e.g. apple,donut")
-    h.add_argument("--config", default="cpu", help="built-in config (tiny, cpu, paper) or a JSON file "
-                                                   "(default: cpu)")
+    h.add_argument("--config", default=None, help="built-in config (tiny, cpu, paper) or a JSON file (default: cpu); "
+                                                  "with --resume, only its schedule (ae_steps, latent_steps, "
+                                                  "bootstrap_steps, log/checkpoint/sample cadence) is taken, to train "
+                                                  "a phase the run has not finished longer or shorter")
     h.add_argument("--out", required=True, help="run folder for checkpoints, curves and sample sheets")
     h.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     h.add_argument("--max-steps", type=_positive_int("--max-steps"), default=None,

@@ -156,8 +156,11 @@ class Trainer(RunLoop):
         stored = self.out / CHECKPOINT
         if resume and stored.is_file():
             _, meta = load_weights(stored)
-            config = meta["config"]  # a resumed run keeps the config it started with
+            schedule = {k: v for k, v in (config or {}).get("train", {}).items() if k in SCHEDULE_KEYS}
+            config = meta["config"]  # a resumed run keeps the config it started with, but for its schedule
             categories = config["model"]["categories"]
+            if schedule:
+                config = _reschedule(config, schedule, int(meta["info"].get("step", 0)))
         elif resume:
             raise UserError(f"--resume: {str(self.out)!r} holds no checkpoint to resume from")
         elif self.out.exists() and any(self.out.iterdir()):
@@ -483,6 +486,28 @@ class Trainer(RunLoop):
         return _spread(torch.stack(rgbs), torch.stack(alphas))
 
 
+SCHEDULE_KEYS = ("ae_steps", "latent_steps", "bootstrap_steps", "log_every", "checkpoint_every", "sample_every")
+"""What a resumed run may change (train a phase longer or shorter): never a boundary it has already crossed."""
+
+
+def _reschedule(config: dict[str, Any], schedule: dict[str, Any], step: int) -> dict[str, Any]:
+    old = TrainConfig.from_dict(config["train"])
+    new = TrainConfig.from_dict({**config["train"], **schedule})
+    crossed = []
+    if step > old.ae_steps and new.ae_steps != old.ae_steps:
+        crossed.append(f"ae_steps (the autoencoder phase ended at step {old.ae_steps})")
+    if step > old.ae_steps + old.latent_steps and new.latent_steps != old.latent_steps:
+        crossed.append(f"latent_steps (the latent phase ended at step {old.ae_steps + old.latent_steps})")
+    if new.phase_start(new.phase(max(step - 1, 0))) != old.phase_start(old.phase(max(step - 1, 0))) or \
+            new.phase(max(step - 1, 0)) != old.phase(max(step - 1, 0)):
+        crossed.append(f"the phase step {step} is in")
+    if step > new.total_steps:
+        crossed.append(f"the total ({new.total_steps}) is below the step reached ({step})")
+    if crossed:
+        raise UserError(f"--resume with a new schedule cannot change {'; '.join(crossed)}")
+    return {**config, "train": new.to_dict()}
+
+
 def _spread(rgb: Tensor, alpha: Tensor) -> dict[str, float]:
     """Colour spread (std over objects of the mean object colour) and size spread (std of covered area over its
     mean) of N objects' pixels rgb (N, P, 3) with coverage alpha (N, P)."""
@@ -492,7 +517,7 @@ def _spread(rgb: Tensor, alpha: Tensor) -> dict[str, float]:
     return {"colour_spread": float(colour.std(0).mean()), "size_spread": float(area.std() / area.mean().clamp_min(1e-6))}
 
 
-def train_holodiffusion(data: str, categories: str, config: str, out: str, resume: bool = False,
+def train_holodiffusion(data: str, categories: str, config: str | None, out: str, resume: bool = False,
                         max_steps: int | None = None, device: str = "cpu", progress: bool = True,
                         init_from: str | None = None) -> Trainer:
     """The `holofusion train holodiffusion` command (also usable from Python)."""
@@ -514,7 +539,9 @@ def train_holodiffusion(data: str, categories: str, config: str, out: str, resum
         dist.init_process_group(backend)
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    cfg = resolve_config(config, cats) if not resume or not (Path(out) / CHECKPOINT).is_file() else None
+    resuming = resume and (Path(out) / CHECKPOINT).is_file()
+    # A resumed run keeps its stored config; a --config given with --resume may only change its schedule.
+    cfg = resolve_config(config or "cpu", cats) if not resuming or config else None
     trainer = Trainer(data, cats, cfg or {}, out, device, resume, progress, init_from)
     trainer.fit(max_steps)
     if dist.is_initialized():
