@@ -93,7 +93,7 @@ def bake_albedo(mesh: Mesh, grid: VoxelGrid, field: nn.Module, size: int = 1024,
     points = torch.from_numpy(np.einsum("nk,nkd->nd", bary, corners).astype(np.float32)).to(grid.device)
     colours = []
     for start in range(0, points.shape[0], chunk):
-        feats = grid.sample(points[start:start + chunk][None].to(grid.dtype))[0]
+        feats = grid.sample(points[start:start + chunk][None].to(grid.dtype), mode="grid_sample")[0]
         colours.append(field.albedo(feats).float().cpu())
     rgb = torch.cat(colours).numpy() if colours else np.zeros((0, 3), np.float32)
     image = np.zeros((size * size, 3), np.float32)
