@@ -212,7 +212,7 @@ def distill(init: VoxelGrid, targets: Tensor, cameras: PerspectiveCamera, config
         corner = torch.stack([torch.randint(0, w - p - 2 * s + 1, (cfg.patches,), generator=generator),
                               torch.randint(0, h - p - 2 * s + 1, (cfg.patches,), generator=generator)], -1)
         xy = _patch_pixels(corner, p + 2 * s).to(device)
-        cams = cameras[view.tolist()] if cfg.patches > 1 else cameras[view.tolist()]
+        cams = cameras[view.tolist()]
         grid = VoxelGrid(params, init.box_min, init.box_max)
         # Every patch is a camera of its own over the one grid: B = 1 scene, V = patches.
         out = render_grid(grid, field_fn, cams, cfg.render, xy, generator)

@@ -21,6 +21,7 @@ from . import DEFAULT_MODEL
 from .errors import UserError
 from .mesh.asset import AssetConfig, make_asset
 from .mesh.extract import MeshConfig
+from .mesh.gltf import glb_bytes, write_glb
 from .pipeline import MODELS_DIR, PRESETS, HoloFusionPipeline, PipelineOutput, Preset
 
 __all__ = ["GenerateJob", "generate", "output_paths", "list_models", "preview_strip", "DEFAULT_MODEL"]
@@ -126,8 +127,6 @@ def generate(job: GenerateJob, progress: bool = True) -> list[dict[str, Any]]:
         preset = job.preset if isinstance(job.preset, str) else "custom"
         extras = {"holofusion": {"model": pipe.name, "seed": seed, "category": job.category, "preset": preset,
                                  "size_m": round(float(np.ptp(asset.mesh.vertices, 0).max()), 4)}}
-        from .mesh.gltf import write_glb
-
         write_glb(path, asset.glb(name=f"{job.category or pipe.name}_{seed}", extras=extras))
         preview = path.with_suffix(".png")
         _write_png(preview, preview_strip(out))
@@ -140,7 +139,6 @@ def generate_remote(job: GenerateJob, server: str, progress: bool = True) -> lis
     """Runs a job on a backend (``holofusion serve``) given its connection file: the same files as ``generate``,
     rebuilt from the result messages' arrays and texture."""
     from .client import Client, result_mesh
-    from .mesh.gltf import glb_bytes
 
     if not isinstance(job.preset, str):
         raise UserError("a backend takes presets by name: draft, standard or high")
@@ -166,8 +164,6 @@ def generate_remote(job: GenerateJob, server: str, progress: bool = True) -> lis
                     arrays = {k: np.asarray(mesh[k][0], np.float32 if k != "faces" else np.uint32)
                               .reshape(mesh[k][1]) for k in ("positions", "normals", "uvs", "faces")}
                     path = paths[c["index"]]
-                    from .mesh.gltf import write_glb
-
                     write_glb(path, glb_bytes(arrays["positions"], arrays["normals"], arrays["uvs"],
                                               arrays["faces"], mesh["texture"], name=f"object_{c['seed']}",
                                               extras={"holofusion": c["metadata"]}))

@@ -5,6 +5,7 @@ exactly and always leaves its latest curve and sheets on disk."""
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ TRAIN_STATE = "train_state.pt"
 MODEL = "model.safetensors"
 
 
-class RunLoop:
+class RunLoop(ABC):
     """Mixin for trainers. A subclass sets ``cfg`` (with ``total_steps``, ``log_every``, ``checkpoint_every`` and
     ``sample_every``), ``step``, ``history``, ``progress``, ``rank``, ``out`` and ``phase_names``, and implements
     ``train_step() -> stats``, ``save()`` and ``write_pictures()``.
@@ -37,14 +38,17 @@ class RunLoop:
     rank: int
     phase_names: tuple[str, ...] = ("train",)
 
+    @abstractmethod
     def train_step(self) -> dict[str, float]:
-        raise NotImplementedError
+        """Provided by each trainer."""
 
+    @abstractmethod
     def save(self) -> None:
-        raise NotImplementedError
+        """Provided by each trainer."""
 
+    @abstractmethod
     def write_pictures(self) -> None:
-        raise NotImplementedError
+        """Provided by each trainer."""
 
     def fit(self, max_steps: int | None = None) -> None:
         """Trains up to ``max_steps`` (global step count; None: the config's total)."""
