@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_generate(sub)
     _add_serve(sub)
+    _add_worker(sub)
     _add_models(sub)
     return parser
 
@@ -311,16 +312,29 @@ def _cmd_generate(args) -> int:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="run the backend the Blender extension talks to",
-                       description="Run the HoloFusion backend: a ZeroMQ ROUTER server speaking the protocol in "
-                                   "docs/PROTOCOL.md. It listens on loopback only, writes a connection file (address "
-                                   "and a fresh key, owner-only permissions) and prints its path; every result is "
-                                   "stored before it is sent. Stop it with Ctrl-C.")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1; loopback only "
-                                                       "in this version)")
-    p.add_argument("--port", type=int, default=0, help="port (default: 0, a free one; see the connection file)")
+                       description="Run the HoloFusion backend: a ZeroMQ broker speaking the protocol in "
+                                   "docs/PROTOCOL.md, with one client endpoint and any number of GPU/CPU workers "
+                                   "behind it (--workers local ones; more with `holofusion worker --connect` on other "
+                                   "machines). It writes a connection file (address and a fresh key, owner-only "
+                                   "permissions) and prints its path; every result is stored before it is sent. "
+                                   "Stop it with Ctrl-C.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default: 127.0.0.1); any other (e.g. 0.0.0.0, for remote clients "
+                        "and workers) turns on CURVE encryption")
+    p.add_argument("--port", type=int, default=0, help="client port (default: 0, a free one; see the connection file)")
+    p.add_argument("--worker-port", type=int, default=0,
+                   help="port workers connect to (default: 0, a free one; see the connection file)")
     p.add_argument("--connection-file", default=None, metavar="PATH",
                    help="where to write the connection file (default: ~/.config/holofusion/backend-<pid>.json)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--device", default="auto", help="device of the local workers: auto, cpu, cuda or cuda:N "
+                                                    "(default: auto; with cuda, worker i uses cuda:i)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="local worker processes, one per device (default: 1; 0: only remote workers)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per local CPU worker (default: the cores shared among the workers)")
+    p.add_argument("--worker-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="a worker silent this long is dropped and its job re-queued once (default: 5)")
+    p.add_argument("--curve", action="store_true", help="encrypt with CURVE on loopback too")
     p.add_argument("--store", default=None, metavar="DIR",
                    help="folder for finished results (default: ~/.config/holofusion/store)")
     p.add_argument("--models", default=None, metavar="DIR",
@@ -328,13 +342,75 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
+def _port(flag: str, value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise UserError(f"{flag} {value}: choose 0 (any free port) or 1..65535")
+    return value
+
+
 def _cmd_serve(args) -> int:
     from .server.app import ServeConfig, serve
 
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port {args.port}: choose 0 (any free port) or 1..65535")
-    serve(ServeConfig(host=args.host, port=args.port, connection_file=args.connection_file, device=args.device,
-                      store=args.store, models=args.models))
+    if args.worker_timeout <= 0:
+        raise UserError(f"--worker-timeout {args.worker_timeout}: must be above 0 seconds")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be at least 1")
+    serve(ServeConfig(host=args.host, port=_port("--port", args.port), connection_file=args.connection_file,
+                      device=args.device, store=args.store, models=args.models, workers=args.workers,
+                      worker_port=_port("--worker-port", args.worker_port), worker_timeout_s=args.worker_timeout,
+                      curve=args.curve, threads=args.threads))
+    return 0
+
+
+def _add_worker(sub) -> None:
+    p = sub.add_parser("worker", help="serve a backend's queue from this machine's device",
+                       description="Run one generation worker for a backend (holofusion serve), on this machine's "
+                                   "device: it connects to the backend's worker port, takes one job at a time and "
+                                   "sends the finished objects back to be stored. Start one per GPU. The key comes "
+                                   "from the connection file, or from the HOLOFUSION_KEY environment variable when "
+                                   "--connect is an address.")
+    p.add_argument("--connect", required=True, metavar="CONNECTION_FILE_OR_ADDRESS",
+                   help="the backend's connection file (copied from its machine), or tcp://HOST:WORKER_PORT")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--models", default=None, metavar="DIR",
+                   help="folder of model folders (default: the shipped models/); the same models as the backend's")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--name", default=None, help="name shown in the backend's status (default: host:pid:device)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="backend silence after which the worker drops its job and reconnects (default: 5)")
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_worker)
+
+
+def _cmd_worker(args) -> int:
+    import os
+
+    from .server.worker import WorkerConfig, run_worker
+
+    target = args.connect
+    curve = os.environ.get("HOLOFUSION_CURVE_SERVERKEY")
+    if target.startswith("tcp://"):
+        key = os.environ.get("HOLOFUSION_KEY")
+        if not key:
+            raise UserError("--connect tcp://...: set HOLOFUSION_KEY to the backend's key (the \"key\" of its "
+                            "connection file), or pass the connection file itself")
+        address = target
+    else:
+        from .client import BackendError, BackendLost, read_connection_file
+
+        try:
+            info = read_connection_file(target)
+        except (BackendError, BackendLost) as e:
+            raise UserError(f"--connect: {e}") from None
+        if "worker_port" not in info:
+            raise UserError(f"--connect: {target!r} names no worker_port; it was written by an older backend")
+        address, key = f"tcp://{info['ip']}:{info['worker_port']}", info["key"]
+        curve = info.get("curve_serverkey") or curve
+    if args.timeout <= 0:
+        raise UserError(f"--timeout {args.timeout}: must be above 0 seconds")
+    run_worker(WorkerConfig(address=address, key=key, device=args.device, models=args.models, name=args.name,
+                            threads=args.threads, timeout_s=args.timeout, parent_pid=args.parent_pid,
+                            curve_serverkey=curve))
     return 0
 
 

@@ -28,7 +28,8 @@ from typing import Any
 
 import zmq
 
-from .server.protocol import (Limits, Message, ProtocolError, ReplayGuard, Signer, decode, encode, unpack_array)
+from .server.protocol import (Limits, Message, ProtocolError, ReplayGuard, Signer, curve_options, decode, encode,
+                              unpack_array)
 
 __all__ = ["Client", "BackendError", "BackendLost", "result_mesh", "read_connection_file"]
 
@@ -66,6 +67,7 @@ class Client:
                  name: str = "holofusion-client"):
         info = connection if isinstance(connection, dict) else read_connection_file(connection)
         self.address = f"tcp://{info['ip']}:{info['port']}"
+        self.info = info
         self.signer = Signer(info["key"])
         self.timeout_s, self.retries, self.name = timeout_s, retries, name
         self.client_id = uuid.uuid4().hex
@@ -85,6 +87,12 @@ class Client:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         self.sock.setsockopt(zmq.RCVHWM, 10000)
+        try:
+            curve = curve_options(self.info)  # a backend beyond loopback encrypts: a fresh key pair per socket
+        except ProtocolError as e:
+            raise BackendError(e.code, e.message) from None
+        for opt, value in (curve or {}).items():
+            self.sock.setsockopt(opt, value)
         self.sock.connect(self.address)
 
     def close(self) -> None:

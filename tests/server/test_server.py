@@ -26,18 +26,25 @@ OPTIONS = {"opacity_length": 20.0, "texture_size": 128, "faces": 2000}
 
 
 class Backend:
-    def __init__(self, models: Path, tmp: Path, store: Path | None = None):
+    """A real `holofusion serve` process (its workers are processes too); output in a log file beside it."""
+
+    def __init__(self, models: Path, tmp: Path, store: Path | None = None, args: tuple[str, ...] = ()):
         self.conn = tmp / f"conn-{time.monotonic_ns()}.json"
         self.store = store or tmp / "store"
+        self.log = self.conn.with_suffix(".log")
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        self.proc = subprocess.Popen([sys.executable, "-m", "holofusion.cli", "serve", "--models", str(models),
-                                      "--store", str(self.store), "--connection-file", str(self.conn),
-                                      "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "holofusion.cli", "serve", "--models", str(models),
+                                          "--store", str(self.store), "--connection-file", str(self.conn),
+                                          "--device", "cpu", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
         while not self.conn.is_file():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"backend did not start: {self.proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"backend did not start: {self.log.read_text()[-2000:]}")
             time.sleep(0.05)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

@@ -1,22 +1,30 @@
-"""`holofusion serve`: the backend's ROUTER server (protocol: docs/PROTOCOL.md).
+"""`holofusion serve`: the backend's broker (protocol: docs/PROTOCOL.md).
 
-One thread owns the socket (ZeroMQ sockets are not thread-safe): it receives, checks and answers requests and sends
-whatever the worker queued for clients. One worker thread owns the device and runs jobs one at a time: for each
-object, the pipeline (its callback reports progress and honours a cancel within one step), the mesh chain, then the
-result is written to the store and only then announced. A repeated request id from the same client returns the job
-it already made; every job ends in exactly one of done / cancelled / failed, recorded in the store.
+One endpoint for clients, any number of workers behind it: the ZeroMQ guide's load-balancing broker. The broker binds
+two ROUTER sockets, one for clients and one for workers; a worker (``holofusion worker``, one per device, started
+here by ``--workers N`` or on other machines with ``--connect``) says ``ready`` and gets one job at a time. The broker
+alone owns the queue and the store: a worker's finished object comes back as GLB bytes, is written to the store, and
+only then is the ``result`` sent to the client, so a client that reconnects can ``fetch`` it.
+
+Both sides heartbeat every second. A worker silent for ``worker_timeout_s`` (or a local worker process that exited)
+is dropped and its job re-queued once with only the objects not yet stored; a second loss fails the job with
+``worker_lost``. Messages from a dropped worker are ignored, so no object is ever stored or sent twice. A repeated
+request id from the same client returns the job it already made; every job ends in exactly one of done / cancelled /
+failed, recorded in the store. Everything runs on one thread (ZeroMQ sockets are not thread-safe); the broker never
+touches a model, so it stays responsive however busy the workers are.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
-import queue
 import secrets
 import signal
-import threading
+import socket
+import subprocess
+import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +33,17 @@ import zmq
 
 from .. import DEFAULT_MODEL, __version__
 from ..errors import UserError
-from .protocol import (PROTOCOL_VERSION, Limits, Message, ProtocolError, ReplayGuard, Signer, decode, encode,
-                       error_message, new_key, pack_array)
+from .protocol import (CLIENT_REQUESTS, PROTOCOL_VERSION, WORKER_REPORTS, Limits, Message, ProtocolError,
+                       ReplayGuard, Signer, decode, encode, error_message, new_key, pack_array)
 from .store import ResultStore
+from .worker import HEARTBEAT_S, WORKER_MESSAGE_BYTES, memory, resolve_device
 
-__all__ = ["Server", "ServeConfig", "default_connection_file", "write_connection_file"]
+__all__ = ["Server", "ServeConfig", "default_connection_file", "write_connection_file", "result_message",
+           "preview_message", "png_bytes"]
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_ATTEMPTS = 2
+"""A job whose worker is lost is re-queued once; the second loss fails it."""
 
 
 def default_config_dir() -> Path:
@@ -67,6 +81,15 @@ class ServeConfig:
     """Folder of model folders (default: the shipped models/)."""
     max_queue: int = 100
     limits: Limits = field(default_factory=Limits)
+    workers: int = 1
+    """Local worker processes (one per device); 0: only remote ones (holofusion worker --connect)."""
+    worker_port: int = 0
+    worker_timeout_s: float = 5.0
+    """A worker silent this long is considered dead."""
+    curve: bool = False
+    """Encrypt with CURVE even on loopback (always on when listening beyond loopback)."""
+    threads: int | None = None
+    """torch CPU threads per local worker (default: the CPU cores shared among them)."""
 
 
 @dataclass
@@ -78,128 +101,228 @@ class Job:
     request: dict[str, Any]
     seeds: list[int]
     state: str = "queued"
-    results: int = 0
-    cancel: threading.Event = field(default_factory=threading.Event)
+    done: set[int] = field(default_factory=set)
+    """Indices of the objects already stored."""
+    worker: bytes | None = None
+    attempts: int = 0
+    cancel: bool = False
     created: float = field(default_factory=time.time)
 
+    def summary(self, workers: dict[bytes, WorkerInfo]) -> dict[str, Any]:
+        w = workers.get(self.worker) if self.worker is not None else None
+        return {"job_id": self.job_id, "state": self.state, "seeds": self.seeds, "results": len(self.done),
+                "model": self.request.get("model"), "preset": self.request.get("preset"),
+                "worker": w.name if w else None}
+
+
+@dataclass
+class WorkerInfo:
+    identity: bytes
+    name: str
+    device: str
+    pid: int
+    host: str
+    memory: dict[str, Any]
+    last_seen: float = field(default_factory=time.monotonic)
+    job: str | None = None
+
     def summary(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "state": self.state, "seeds": self.seeds, "results": self.results,
-                "model": self.request.get("model"), "preset": self.request.get("preset")}
-
-
-class _Cancelled(Exception):
-    pass
+        return {"name": self.name, "device": self.device, "host": self.host, "pid": self.pid,
+                "state": "busy" if self.job else "idle", "job_id": self.job}
 
 
 class Server:
-    """Bind, write the connection file, serve until ``stop()``."""
+    """Bind, write the connection file, start the local workers, serve until ``stop()``."""
 
     def __init__(self, config: ServeConfig):
         self.cfg = config
-        if config.host not in ("127.0.0.1", "localhost", "::1"):
-            raise UserError(f"--host {config.host}: only loopback is served without encryption; remote access needs "
-                            "CURVE, which this version does not offer yet")
+        if config.workers < 0:
+            raise UserError(f"--workers {config.workers}: choose 0 (remote workers only) or more")
+        self.encrypted = config.curve or config.host not in LOOPBACK
+        if self.encrypted and not zmq.has("curve"):
+            raise UserError(f"--host {config.host}: listening beyond loopback needs CURVE encryption, which this "
+                            "pyzmq build lacks; listen on 127.0.0.1 and tunnel (ssh -L) instead")
+        self.local_devices = self._local_devices(config)
         self.key = new_key()
         self.signer = Signer(self.key)
         self.replay = ReplayGuard()
+        self.worker_replay = ReplayGuard()
+        self.worker_limits = Limits(max_message_bytes=WORKER_MESSAGE_BYTES)
         self.store = ResultStore(config.store or default_config_dir() / "store")
         self.models_dir = Path(config.models) if config.models else None
-        self.device = self._device(config.device)
         self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise instead of vanishing
-        self.sock.setsockopt(zmq.MAXMSGSIZE, config.limits.max_message_bytes)
-        self.sock.setsockopt(zmq.SNDHWM, 1000)
-        self.sock.setsockopt(zmq.RCVHWM, 1000)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-        if config.port:
-            self.sock.bind(f"tcp://{config.host}:{config.port}")
-            self.port = config.port
-        else:
-            self.port = self.sock.bind_to_random_port(f"tcp://{config.host}")
+        self.curve_public = None
+        if self.encrypted:
+            self.curve_public, self._curve_secret = zmq.curve_keypair()
+        self.sock, self.port = self._bind(config.port, config.limits.max_message_bytes)
+        self.wsock, self.worker_port = self._bind(config.worker_port, WORKER_MESSAGE_BYTES)
         self.connection_file = Path(config.connection_file) if config.connection_file else default_connection_file()
-        write_connection_file(self.connection_file, {
-            "transport": "tcp", "ip": config.host, "port": self.port, "key": self.key,
-            "signature_scheme": "hmac-sha256", "protocol_version": PROTOCOL_VERSION, "pid": os.getpid()})
+        info = {"transport": "tcp", "ip": self._advertised_ip(), "port": self.port, "worker_port": self.worker_port,
+                "key": self.key, "signature_scheme": "hmac-sha256", "protocol_version": PROTOCOL_VERSION,
+                "pid": os.getpid()}
+        if self.curve_public is not None:
+            info["curve_serverkey"] = self.curve_public.decode("ascii")
+        write_connection_file(self.connection_file, info)
         self.seq = 0
-        self.outbox: queue.Queue[tuple[bytes, Message, str | None, str | None]] = queue.Queue()
         self.jobs: dict[str, Job] = {}
         self.by_request: dict[tuple[str, str], str] = {}
-        self.pending: queue.Queue[Job] = queue.Queue()
-        self.running: Job | None = None
-        self._stop = threading.Event()
-        self._pipelines: dict[str, Any] = {}
-        self._worker = threading.Thread(target=self._work, name="holofusion-worker", daemon=True)
+        self.pending: collections.deque[Job] = collections.deque()
+        self.workers: dict[bytes, WorkerInfo] = {}
+        self.idle: collections.deque[bytes] = collections.deque()
+        self.local: list[dict[str, Any]] = []  # {"device", "proc", "restarts"}
+        self._stop = False
+        self._last_beat = 0.0
+
+    # ------------------------------------------------------------------ setup
+    def _bind(self, port: int, max_bytes: int) -> tuple[zmq.Socket, int]:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise instead of vanishing
+        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.RCVHWM, 1000)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        if self.curve_public is not None:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve_public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve_secret)
+        host = self.cfg.host if self.cfg.host != "localhost" else "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        if self.cfg.host == "::1" or ":" in self.cfg.host:
+            sock.setsockopt(zmq.IPV6, 1)
+        try:
+            if port:
+                sock.bind(f"tcp://{host}:{port}")
+                return sock, port
+            return sock, sock.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError as e:
+            sock.close(0)
+            raise UserError(f"cannot listen on {self.cfg.host}:{port or 'any port'}: {e}") from None
+
+    def _advertised_ip(self) -> str:
+        if self.cfg.host in ("0.0.0.0", "::", "*"):
+            return socket.gethostname()  # what other machines may reach; edit the file if it is not
+        return "127.0.0.1" if self.cfg.host == "localhost" else self.cfg.host
+
+    @staticmethod
+    def _local_devices(cfg: ServeConfig) -> list[str]:
+        if cfg.workers == 0:
+            return []
+        device = resolve_device(cfg.device)
+        if device == "cuda":
+            import torch
+
+            count = torch.cuda.device_count()
+            if cfg.workers > count:
+                raise UserError(f"--workers {cfg.workers}: this machine has {count} CUDA device(s); one worker per "
+                                "device")
+            return [f"cuda:{i}" for i in range(cfg.workers)]
+        return [device] * cfg.workers
+
+    def _spawn(self, slot: dict[str, Any]) -> None:
+        threads = self.cfg.threads or max(1, (os.cpu_count() or 1) // max(1, len(self.local_devices)))
+        cmd = [sys.executable, "-m", "holofusion.cli", "worker", "--connect",
+               f"tcp://127.0.0.1:{self.worker_port}", "--device", slot["device"], "--parent-pid", str(os.getpid()),
+               "--timeout", str(self.cfg.worker_timeout_s)]
+        if slot["device"] == "cpu":
+            cmd += ["--threads", str(threads)]
+        if self.models_dir is not None:
+            cmd += ["--models", str(self.models_dir)]
+        env = dict(os.environ, HOLOFUSION_KEY=self.key)  # not on the command line, where `ps` shows it
+        if self.curve_public is not None:
+            env["HOLOFUSION_CURVE_SERVERKEY"] = self.curve_public.decode("ascii")
+        slot["proc"] = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        slot["started"] = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
-    @staticmethod
-    def _device(name: str) -> str:
-        import torch
-
-        if name == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-        if name != "cpu" and not name.startswith("cuda"):
-            raise UserError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
-        return name
-
     def serve_forever(self) -> None:
-        self._worker.start()
+        for device in self.local_devices:
+            slot = {"device": device, "proc": None, "restarts": 0}
+            self._spawn(slot)
+            self.local.append(slot)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.wsock, zmq.POLLIN)
         try:
-            while not self._stop.is_set():
-                for _ in range(64):
-                    try:
-                        identity, msg, job_id, reply_to = self.outbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    self._send(identity, msg, job_id, reply_to)
-                if dict(poller.poll(10)).get(self.sock):
-                    try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        continue
-                    self._receive(frames)
+            while not self._stop:
+                self._step(poller)
         finally:
-            self._shutdown()
+            self._shutdown(poller)
+
+    def _step(self, poller: zmq.Poller, timeout_ms: int = 10) -> None:
+        ready = dict(poller.poll(timeout_ms))
+        for sock, handler in ((self.wsock, self._worker_receive), (self.sock, self._receive)):
+            if sock in ready:
+                for _ in range(256):  # drain what is there, but let the other socket have its turn
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    handler(frames)
+        now = time.monotonic()
+        if now - self._last_beat >= HEARTBEAT_S:
+            self._last_beat = now
+            self._beat(now)
+        self._dispatch()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop = True
 
-    def _shutdown(self) -> None:
-        # Queued jobs are cancelled (recorded), the running one stops at its next step.
-        while True:
+    def _shutdown(self, poller: zmq.Poller) -> None:
+        # Queued jobs are cancelled (recorded and told); running ones are asked to stop at their next step and given
+        # a few seconds to say so, then every worker is told to exit.
+        while self.pending:
+            job = self.pending.popleft()
+            if job.state == "queued":
+                self._finish(job, "cancelled")
+                self._to_client(job, Message("cancelled", {"job_id": job.job_id}))
+        for job in self.jobs.values():
+            if job.state == "running" and job.worker in self.workers:
+                job.cancel = True
+                self._to_worker(job.worker, Message("cancel", {"job_id": job.job_id}))
+        deadline = time.monotonic() + 10
+        while any(j.state == "running" for j in self.jobs.values()) and time.monotonic() < deadline:
+            self._step(poller, 50)
+        for job in self.jobs.values():
+            if job.state == "running":
+                self._finish(job, "cancelled")
+                self._to_client(job, error_message("shutting_down", "the backend stopped before this job ended"))
+        for identity in list(self.workers):
+            self._to_worker(identity, Message("shutdown"))
+        for slot in self.local:
+            proc = slot["proc"]
             try:
-                job = self.pending.get_nowait()
-            except queue.Empty:
-                break
-            self._finish(job, "cancelled")
-        if self.running is not None:
-            self.running.cancel.set()
-        self.pending.put(None)  # wakes the worker so it exits
-        self._worker.join(timeout=30)
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
         self.sock.close(0)
+        self.wsock.close(0)
         try:
             self.connection_file.unlink()
         except FileNotFoundError:
             pass
 
     # ------------------------------------------------------------------ wire
-    def _send(self, identity: bytes, msg: Message, job_id: str | None = None, reply_to: str | None = None) -> None:
+    def _send(self, sock: zmq.Socket, identity: bytes, msg: Message, job_id: str | None = None,
+              reply_to: str | None = None) -> None:
         self.seq += 1
         try:
             frames = encode(msg, self.signer, "server", self.seq, job_id=job_id, reply_to=reply_to)
-            self.sock.send_multipart([identity] + frames)
-        except zmq.ZMQError:
-            pass  # the client is gone; its results are in the store for a later fetch
+            sock.send_multipart([identity] + frames, zmq.NOBLOCK)
+        except (zmq.ZMQError, zmq.Again):
+            pass  # the peer is gone (or not reading); results are in the store for a later fetch
 
     def _reply(self, identity: bytes, msg: Message, request: Message | None = None,
                job_id: str | None = None) -> None:
-        self._send(identity, msg, job_id, request.msg_id if request is not None else None)
+        self._send(self.sock, identity, msg, job_id, request.msg_id if request is not None else None)
+
+    def _to_client(self, job: Job, msg: Message) -> None:
+        self._send(self.sock, job.identity, msg, job.job_id)
+
+    def _to_worker(self, identity: bytes, msg: Message) -> None:
+        self._send(self.wsock, identity, msg, msg.content.get("job_id"))
 
     def _receive(self, frames: list[bytes]) -> None:
         # ROUTER puts the peer's identity first; a DEALER client sends nothing before the delimiter.
@@ -210,16 +333,23 @@ class Server:
             self._reply(identity, error_message(e.code, e.message))
             return
         try:
+            if msg.msg_type not in CLIENT_REQUESTS:
+                raise ProtocolError("unknown_type", f"{msg.msg_type!r} is not a request a client may send "
+                                                    f"(requests: {', '.join(sorted(CLIENT_REQUESTS))})")
             self._handle(identity, msg)
         except ProtocolError as e:
             self._reply(identity, error_message(e.code, e.message), msg)
 
-    # ------------------------------------------------------------------ requests
+    # ------------------------------------------------------------------ client requests
     def _models(self) -> list[dict[str, Any]]:
         from ..generate import list_models
         from ..pipeline import MODELS_DIR
 
         return list_models(self.models_dir or MODELS_DIR)
+
+    def _devices(self) -> str:
+        live = sorted({w.device for w in self.workers.values()})
+        return ",".join(live or sorted(set(self.local_devices))) or "none"
 
     def _handle(self, identity: bytes, msg: Message) -> None:
         t, c = msg.msg_type, msg.content
@@ -227,8 +357,9 @@ class Server:
             from ..pipeline import PRESETS
 
             self._reply(identity, Message("welcome", {
-                "server": "holofusion", "version": __version__, "device": self.device, "memory": _memory(),
+                "server": "holofusion", "version": __version__, "device": self._devices(), "memory": memory(),
                 "models": self._models(), "presets": list(PRESETS),
+                "workers": [w.summary() for w in self.workers.values()], "encrypted": self.encrypted,
                 "limits": {"max_message_bytes": self.cfg.limits.max_message_bytes, "max_count": 1000,
                            "max_seed": 2**31 - 1, "max_queue": self.cfg.max_queue}}), msg)
         elif t == "ping":
@@ -239,20 +370,25 @@ class Server:
             job = self.jobs.get(c["job_id"])
             if job is None:
                 raise ProtocolError("unknown_job", f"no job {c['job_id']!r} on this backend")
-            job.cancel.set()
+            job.cancel = True
             if job.state == "queued":
                 self._finish(job, "cancelled")
                 self._reply(job.identity, Message("cancelled", {"job_id": job.job_id}), msg, job.job_id)
+            elif job.state == "running" and job.worker is not None:
+                self._to_worker(job.worker, Message("cancel", {"job_id": job.job_id}))  # it answers `cancelled`
         elif t == "status":
-            queued = [j.summary() for j in self.jobs.values() if j.state == "queued"]
-            running = [self.running.summary()] if self.running is not None else []
-            self._reply(identity, Message("status_reply", {"queue": queued, "running": running, "workers": 1}), msg)
+            queued = [j.summary(self.workers) for j in self.pending if j.state == "queued"]
+            running = [j.summary(self.workers) for j in self.jobs.values() if j.state == "running"]
+            self._reply(identity, Message("status_reply", {
+                "queue": queued, "running": running, "workers": len(self.workers),
+                "worker_list": [w.summary() for w in self.workers.values()]}), msg)
         elif t == "fetch":
             self._fetch(identity, msg)
         elif t == "free_memory":
-            self.outbox.put((identity, Message("memory_freed", {"memory": self._free()}), None, msg.msg_id))
-        else:
-            raise ProtocolError("unknown_type", f"{t!r} is a message the server sends, not one it accepts")
+            for w in self.idle:
+                self._to_worker(w, Message("free_memory"))
+            self._reply(identity, Message("memory_freed", {
+                "memory": {"broker": memory(), **{w.name: w.memory for w in self.workers.values()}}}), msg)
 
     def _generate(self, identity: bytes, msg: Message) -> None:
         from ..pipeline import PRESETS
@@ -281,7 +417,7 @@ class Server:
                                                    f"{', '.join(models[model]['presets'])}, not {c['preset']!r}")
         if c["seed"] + c["count"] - 1 > 2**31 - 1:
             raise ProtocolError("invalid_request", "seed + count - 1 exceeds the largest seed 2^31 - 1")
-        if self.pending.qsize() >= self.cfg.max_queue:
+        if len(self.pending) >= self.cfg.max_queue:
             raise ProtocolError("busy", f"the queue holds {self.cfg.max_queue} jobs; try again later")
         job = Job(secrets.token_hex(16), identity, msg.header["client_id"], c["request_id"],
                   {**c, "model": model}, [c["seed"] + i for i in range(c["count"])])
@@ -290,9 +426,9 @@ class Server:
         self.store.save_job(job.job_id, {"request": job.request, "state": "queued", "seeds": job.seeds,
                                          "client_id": job.client_id, "request_id": job.request_id})
         self._reply(identity, Message("accepted", {"job_id": job.job_id, "request_id": job.request_id,
-                                                   "position": self.pending.qsize(), "seeds": job.seeds}),
+                                                   "position": len(self.pending), "seeds": job.seeds}),
                     msg, job.job_id)
-        self.pending.put(job)
+        self.pending.append(job)
 
     def _fetch(self, identity: bytes, msg: Message) -> None:
         job_id = msg.content["job_id"]
@@ -304,108 +440,127 @@ class Server:
             self._reply(identity, result_message(job_id, index, meta, glb), msg, job_id)
         self._reply(identity, Message("done", {"job_id": job_id, "results": len(stored)}), msg, job_id)
 
-    def _free(self) -> dict[str, Any]:
-        import gc
-
-        import torch
-
-        self._pipelines.clear() if self.running is None else None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return _memory()
-
-    # ------------------------------------------------------------------ worker
     def _finish(self, job: Job, state: str, error: str | None = None) -> None:
         job.state = state
+        job.worker = None
         record = self.store.job(job.job_id) or {}
-        record.update({"state": state, "results": job.results, "error": error})
+        record.update({"state": state, "results": len(job.done), "error": error, "attempts": job.attempts})
         self.store.save_job(job.job_id, record)
 
-    def _pipeline(self, name: str):
-        from ..pipeline import MODELS_DIR, HoloFusionPipeline
-
-        if name not in self._pipelines:
-            root = self.models_dir or MODELS_DIR
-            self._pipelines[name] = HoloFusionPipeline.from_pretrained(str(root / name), self.device)
-        return self._pipelines[name]
-
-    def _work(self) -> None:
-        while True:
-            job = self.pending.get()
-            if job is None:
-                return
+    # ------------------------------------------------------------------ workers
+    def _dispatch(self) -> None:
+        while self.idle and self.pending:
+            job = self.pending.popleft()
             if job.state != "queued":
                 continue
-            self.running = job
-            job.state = "running"
-            try:
-                self._run(job)
-                self._finish(job, "done")
-                self.outbox.put((job.identity, Message("done", {"job_id": job.job_id, "results": job.results}),
-                                 job.job_id, None))
-            except _Cancelled:
-                self._finish(job, "cancelled")
-                self.outbox.put((job.identity, Message("cancelled", {"job_id": job.job_id}), job.job_id, None))
-            except UserError as e:
-                self._finish(job, "failed", str(e))
-                self.outbox.put((job.identity, error_message("generation_failed", str(e)), job.job_id, None))
-            except Exception as e:  # a bug: the job fails with its reason, the server keeps serving
-                traceback.print_exc()
-                self._finish(job, "failed", repr(e))
-                self.outbox.put((job.identity, error_message("generation_failed", f"internal error: {e!r}"),
-                                 job.job_id, None))
-            finally:
-                self.running = None
+            identity = self.idle.popleft()
+            worker = self.workers[identity]
+            job.state, job.worker = "running", identity
+            job.attempts += 1
+            worker.job = job.job_id
+            self._to_worker(identity, Message("job", {
+                "job_id": job.job_id, "request": job.request, "seeds": job.seeds,
+                "indices": [i for i in range(len(job.seeds)) if i not in job.done]}))
 
-    def _run(self, job: Job) -> None:
-        from ..generate import preview_strip
-        from ..mesh.asset import AssetConfig, make_asset
-        from ..mesh.extract import MeshConfig
-        from ..pipeline import PipelineCancelled
+    def _beat(self, now: float) -> None:
+        for identity, w in list(self.workers.items()):
+            if now - w.last_seen > self.cfg.worker_timeout_s:
+                self._lose(identity, f"silent for {now - w.last_seen:.1f} s")
+            else:
+                self._to_worker(identity, Message("heartbeat"))
+        for slot in self.local:
+            code = slot["proc"].poll()
+            if code is None or self._stop:
+                continue
+            for identity, w in list(self.workers.items()):
+                if w.pid == slot["proc"].pid:
+                    self._lose(identity, f"its process exited with code {code}")
+            # Restart it, unless it keeps dying right after starting (a broken install or device).
+            if slot["restarts"] < 5:
+                slot["restarts"] += 1
+                print(f"holofusion: local worker on {slot['device']} exited ({code}); restarting it", flush=True)
+                self._spawn(slot)
 
-        req = job.request
-        opts = req.get("options") or {}
+    def _lose(self, identity: bytes, why: str) -> None:
+        w = self.workers.pop(identity)
+        if identity in self.idle:
+            self.idle.remove(identity)
+        print(f"holofusion: worker {w.name} lost ({why})", flush=True)
+        job = self.jobs.get(w.job) if w.job else None
+        if job is None or job.state != "running":
+            return
+        if job.cancel:
+            self._finish(job, "cancelled")
+            self._to_client(job, Message("cancelled", {"job_id": job.job_id}))
+        elif job.attempts < MAX_ATTEMPTS:
+            job.state, job.worker = "queued", None
+            self.pending.appendleft(job)  # it waited long enough already
+            first = min(set(range(len(job.seeds))) - job.done)
+            self._to_client(job, Message("progress", {"job_id": job.job_id, "index": first, "stage": "requeued",
+                                                      "step": 0, "total": 0, "elapsed_s": 0.0, "eta_s": 0.0}))
+        else:
+            made = len(job.done)
+            self._finish(job, "failed", f"worker {w.name} lost ({why})")
+            self._to_client(job, error_message(
+                "worker_lost", f"the worker running this job ({w.name}) stopped answering, for the second time; "
+                               f"{made} of {len(job.seeds)} objects were made and are in the store (fetch "
+                               f"{job.job_id})"))
+
+    def _worker_receive(self, frames: list[bytes]) -> None:
+        identity, body = frames[0], frames[1:]
         try:
-            cfg = AssetConfig(texture_size=int(opts.get("texture_size", 1024)), size_m=opts.get("size_m"),
-                              mesh=MeshConfig(target_faces=int(opts.get("faces", 20000)),
-                                              opacity_length=float(opts.get("opacity_length", 1.0))))
-        except (TypeError, ValueError) as e:
-            raise UserError(f"bad options: {e}") from None
-        pipe = self._pipeline(req["model"])
-        for index, seed in enumerate(job.seeds):
-            t0 = time.perf_counter()
-
-            def callback(stage: str, step: int, total: int, preview) -> bool:
-                if job.cancel.is_set():
-                    return False
-                elapsed = time.perf_counter() - t0
-                eta = elapsed / max(step, 1) * (total - step)
-                self.outbox.put((job.identity, Message("progress", {
-                    "job_id": job.job_id, "index": index, "stage": stage, "step": step, "total": total,
-                    "elapsed_s": round(elapsed, 3), "eta_s": round(eta, 3)}), job.job_id, None))
-                if preview is not None:
-                    self.outbox.put((job.identity, preview_message(job.job_id, index, stage, preview), job.job_id,
-                                     None))
-                return True
-
+            msg = decode(body, self.signer, self.worker_replay, self.worker_limits)
+        except ProtocolError as e:
+            print(f"holofusion: refused a message on the worker port: {e.message}", flush=True)
+            return
+        t, c = msg.msg_type, msg.content
+        if t not in WORKER_REPORTS:
+            return
+        if t == "ready":
+            if identity in self.workers:  # the same socket again: a worker that reconnected to us
+                self._lose(identity, "it said ready again")
+            self.workers[identity] = WorkerInfo(identity, c["worker"], c["device"], c["pid"], c["host"],
+                                                c["memory"])
+            self.idle.append(identity)
+            return
+        w = self.workers.get(identity)
+        if w is None:
+            return  # a worker we dropped: it will time out on our silence and say ready again
+        w.last_seen = time.monotonic()
+        if t == "heartbeat":
+            return
+        if t == "memory_freed":
+            w.memory = c["memory"]
+            return
+        job = self.jobs.get(msg.job_id or "")
+        if job is None or job.worker != identity or w.job != job.job_id:
+            return  # stale: the job was re-queued elsewhere or ended
+        if t in ("progress", "preview"):
+            self._to_client(job, Message(t, dict(c), list(msg.buffers)))
+        elif t == "object":
+            index = c["index"]
+            if index in job.done or not 0 <= index < len(job.seeds):
+                return  # never stored or sent twice
             try:
-                out = pipe(seed, req["category"], req["preset"], callback)
-            except PipelineCancelled:
-                raise _Cancelled() from None
-            if job.cancel.is_set():
-                raise _Cancelled()
-            grid, field_fn = out.field()
-            category = req["category"] or (pipe.categories[0] if len(pipe.categories) == 1 else None)
-            asset = make_asset(grid, field_fn, cfg, category)
-            metadata = {"model": req["model"], "category": req["category"], "preset": req["preset"], "seed": seed,
-                        "faces": asset.mesh.n_faces, "job_id": job.job_id, "backend_version": __version__,
-                        "seconds": round(time.perf_counter() - t0, 3)}
-            png = asset.png()
-            glb = asset.glb(name=f"{category or req['model']}_{seed}", extras={"holofusion": metadata}, png=png)
-            self.store.save_result(job.job_id, index, glb, _png(preview_strip(out, views=1, size=128)), metadata)
-            job.results += 1
-            self.outbox.put((job.identity, result_message(job.job_id, index, metadata, glb), job.job_id, None))
+                glb = msg.buffer("glb")[1]
+                preview = msg.buffer("preview")[1]
+            except KeyError:
+                return
+            self.store.save_result(job.job_id, index, glb, preview, c["metadata"])
+            job.done.add(index)
+            self._to_client(job, result_message(job.job_id, index, c["metadata"], glb))
+        elif t in ("done", "cancelled", "error"):
+            if t == "done":
+                self._finish(job, "done")
+                self._to_client(job, Message("done", {"job_id": job.job_id, "results": len(job.done)}))
+            elif t == "cancelled":
+                self._finish(job, "cancelled")
+                self._to_client(job, Message("cancelled", {"job_id": job.job_id}))
+            else:
+                self._finish(job, "failed", c["message"])
+                self._to_client(job, error_message(c["code"], c["message"]))
+            w.job = None
+            self.idle.append(identity)
 
 
 def result_message(job_id: str, index: int, metadata: dict[str, Any], glb: bytes) -> Message:
@@ -428,13 +583,13 @@ def result_message(job_id: str, index: int, metadata: dict[str, Any], glb: bytes
 def preview_message(job_id: str, index: int, stage: str, image) -> Message:
     import numpy as np
 
-    png = _png((np.asarray(image.clamp(0, 1).cpu().numpy()) * 255 + 0.5).astype(np.uint8))
+    png = png_bytes((np.asarray(image.clamp(0, 1).cpu().numpy()) * 255 + 0.5).astype(np.uint8))
     return Message("preview", {"job_id": job_id, "index": index, "stage": stage,
                                "buffers": [{"name": "preview", "kind": "png", "dtype": "uint8",
                                             "shape": [len(png)]}]}, [png])
 
 
-def _png(image) -> bytes:
+def png_bytes(image) -> bytes:
     import io
 
     from PIL import Image
@@ -444,25 +599,13 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
-def _memory() -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {}
-    try:
-        with open("/proc/self/statm") as f:
-            info["resident_mb"] = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        info.update({"cuda_free_mb": round(free / 2**20), "cuda_total_mb": round(total / 2**20)})
-    return info
-
-
 def serve(config: ServeConfig) -> None:
     """The `holofusion serve` command: runs until SIGINT / SIGTERM."""
     server = Server(config)
-    print(f"holofusion backend {__version__} on tcp://{config.host}:{server.port} ({server.device}); "
+    workers = (f"{len(server.local_devices)} local worker(s) on {server._devices()}" if server.local_devices
+               else "no local workers")
+    print(f"holofusion backend {__version__} on tcp://{config.host}:{server.port}"
+          f"{' (CURVE encrypted)' if server.encrypted else ''}; {workers}, worker port {server.worker_port}; "
           f"connection file: {server.connection_file}", flush=True)
 
     def stop(signum, frame):

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["PROTOCOL_VERSION", "DELIMITER", "Message", "ProtocolError", "Signer", "ReplayGuard", "encode", "decode",
-           "SCHEMAS", "ERROR_CODES", "Limits", "pack_array", "unpack_array", "new_key"]
+           "SCHEMAS", "ERROR_CODES", "Limits", "CLIENT_REQUESTS", "WORKER_REPORTS", "BROKER_ORDERS", "pack_array",
+           "unpack_array", "new_key", "curve_options"]
 
 PROTOCOL_VERSION = "1.0"
 DELIMITER = b"<HOLOFUSION|1>"
@@ -172,7 +173,21 @@ SCHEMAS: dict[str, dict[str, tuple]] = {
     "status_reply": {"queue": _LIST, "running": _LIST, "workers": _int(0)},
     "pong": {},
     "memory_freed": {"memory": _OBJ},
+    # worker channel (docs/PROTOCOL.md, "Workers"): a worker and the broker, on the broker's worker port
+    "ready": {"worker": _STR, "device": _STR, "pid": _int(0), "host": _STR, "memory": _OBJ},
+    "heartbeat": {},
+    "job": {"job_id": _STR, "request": _OBJ, "seeds": _LIST, "indices": _LIST},
+    "object": {"job_id": _STR, "index": _int(0), "seed": _int(0, MAX_SEED), "metadata": _OBJ},
+    "shutdown": {},
 }
+
+CLIENT_REQUESTS = frozenset({"hello", "generate", "cancel", "status", "fetch", "ping", "free_memory"})
+"""What a client may send to the backend's client port."""
+WORKER_REPORTS = frozenset({"ready", "heartbeat", "progress", "preview", "object", "done", "cancelled", "error",
+                            "memory_freed"})
+"""What a worker may send to the broker's worker port."""
+BROKER_ORDERS = frozenset({"job", "cancel", "free_memory", "heartbeat", "shutdown"})
+"""What the broker sends to a worker."""
 
 
 def _check_field(msg_type: str, name: str, value: Any, spec: tuple) -> None:
@@ -339,10 +354,26 @@ def decode(frames: list[bytes], signer: Signer, replay: ReplayGuard | None = Non
         raise ProtocolError("malformed", f"{len(body) - 2} buffers but the content describes "
                                          f"{len(descs) if isinstance(descs, list) else 'none'}")
     if replay is not None:
-        if msg_type == "hello":
+        if msg_type in ("hello", "ready"):
             replay.forget(header["client_id"])
         replay.check(signature, header["client_id"], header["seq"])
     return Message(msg_type, content, body[2:], header)
+
+
+def curve_options(info: dict[str, Any]) -> dict[int, bytes] | None:
+    """Socket options for a client or worker of a backend whose connection file names a CURVE server key (a backend
+    listening beyond loopback): a fresh key pair of our own and the server's public key. ``None`` without one.
+    Needs pyzmq; imported here lazily so that this module stays standard-library only."""
+    server_key = info.get("curve_serverkey")
+    if not server_key:
+        return None
+    import zmq
+
+    if not zmq.has("curve"):
+        raise ProtocolError("version", "the backend encrypts with CURVE but this pyzmq was built without it")
+    public, secret = zmq.curve_keypair()
+    return {zmq.CURVE_SERVERKEY: server_key.encode("ascii"), zmq.CURVE_PUBLICKEY: public,
+            zmq.CURVE_SECRETKEY: secret}
 
 
 def error_message(code: str, message: str) -> Message:
