@@ -179,22 +179,29 @@ class Client:
         """The job's messages as they arrive, ending with its terminal one (done / cancelled); an ``error`` for the
         job raises ``BackendError``; a backend that stops answering raises ``BackendLost``."""
         while True:
-            pending = [m for m in self.backlog if m.job_id == job_id or m.header.get("job_id") == job_id]
-            self.backlog = [m for m in self.backlog if m not in pending]
-            for m in pending:
-                yield from self._event(m)
-                if m.msg_type in TERMINAL:
-                    return
-            m = self._recv(self.timeout_s)
+            m = self.next_event(job_id, self.timeout_s)
             if m is None:
                 self._check_alive()
-                continue
-            if m.header.get("job_id") != job_id and m.content.get("job_id") != job_id:
-                self.backlog.append(m)
                 continue
             yield from self._event(m)
             if m.msg_type in TERMINAL:
                 return
+
+    def next_event(self, job_id: str, timeout_s: float = 0.0) -> Message | None:
+        """The job's next message if one arrives within ``timeout_s`` (0: only what is already here), else ``None``.
+        Messages of other jobs are kept for their own readers. Errors are returned, not raised, and the backend's
+        liveness is not checked: a caller that polls (a UI timer) pings after a silence of its choosing."""
+        for i, m in enumerate(self.backlog):
+            if m.header.get("job_id") == job_id or m.content.get("job_id") == job_id:
+                return self.backlog.pop(i)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            m = self._recv(max(0.0, deadline - time.monotonic()))
+            if m is None:
+                return None
+            if m.header.get("job_id") == job_id or m.content.get("job_id") == job_id:
+                return m
+            self.backlog.append(m)
 
     def _check_alive(self) -> None:
         """After silence on a job stream: two pings of half the timeout each (the second on a fresh socket), so a

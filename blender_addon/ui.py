@@ -1,0 +1,117 @@
+"""View3D > Sidebar > HoloFusion: connection, model and seed, Generate / Cancel with progress and a live preview,
+re-roll, batch populate, history."""
+
+from __future__ import annotations
+
+import bpy
+
+from .session import PREVIEW_IMAGE, session
+
+__all__ = ["CLASSES"]
+
+
+class _Panel:
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "HoloFusion"
+
+
+class HOLOFUSION_PT_main(_Panel, bpy.types.Panel):
+    bl_idname = "HOLOFUSION_PT_main"
+    bl_label = "HoloFusion"
+
+    def draw(self, context):
+        layout, s = self.layout, context.scene.holofusion
+        w = session.welcome or {}
+        row = layout.row()
+        if session.state == "connected":
+            row.label(text=f"{w.get('server', '?')} {w.get('version', '')} on {w.get('device', '?')}",
+                      icon="LINKED")
+        else:
+            row.label(text={"connecting": "Connecting...", "lost": "Backend lost"}.get(session.state,
+                                                                                        "Not connected"),
+                      icon="UNLINKED")
+        row.operator("holofusion.connect", text="", icon="FILE_REFRESH")
+        if session.status.message:
+            layout.label(text=session.status.message, icon="ERROR")
+        col = layout.column()
+        col.enabled = session.state == "connected"
+        col.prop(s, "model")
+        col.prop(s, "category")
+        row = col.row(align=True)
+        row.prop(s, "seed")
+        for icon, delta in (("TRIA_LEFT", -1), ("TRIA_RIGHT", 1)):
+            op = row.operator("holofusion.set_seed", text="", icon=icon)
+            op.delta = delta
+        row.operator("holofusion.set_seed", text="", icon="FILE_REFRESH").delta = 0
+        col.prop(s, "seed_mode", expand=True)
+        col.prop(s, "preset")
+        if session.busy():
+            st = session.status
+            factor = st.step / st.total if st.total else 0.0
+            col.progress(factor=factor, type="BAR",
+                         text=f"{st.stage or 'queued'} {st.step}/{st.total}, {st.eta_s:.0f} s left")
+            col.operator("holofusion.cancel", icon="CANCEL")
+            img = bpy.data.images.get(PREVIEW_IMAGE)
+            if img is not None and img.preview is not None:
+                col.template_icon(icon_value=img.preview.icon_id, scale=6.0)
+        else:
+            col.operator("holofusion.generate", icon="PLAY")
+        col.operator("holofusion.reroll", icon="FILE_REFRESH")
+
+
+class HOLOFUSION_PT_populate(_Panel, bpy.types.Panel):
+    bl_idname = "HOLOFUSION_PT_populate"
+    bl_label = "Populate"
+    bl_parent_id = "HOLOFUSION_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout, s = self.layout, context.scene.holofusion
+        col = layout.column()
+        for name in ("count", "first_seed", "seed_step", "categories", "layout", "spacing", "random_rotation",
+                     "scale_range", "target_collection"):
+            col.prop(s, name)
+        if session.status.line:
+            col.label(text=session.status.line)
+        if session.populate is not None:
+            col.operator("holofusion.cancel", text="Stop After Current", icon="CANCEL")
+        else:
+            col.operator("holofusion.populate", icon="OUTLINER_OB_GROUP_INSTANCE")
+
+
+class HOLOFUSION_PT_history(_Panel, bpy.types.Panel):
+    bl_idname = "HOLOFUSION_PT_history"
+    bl_label = "History"
+    bl_parent_id = "HOLOFUSION_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        col = self.layout.column(align=True)
+        items = session.history()
+        if not items:
+            col.label(text="Nothing generated yet")
+        for h in items[:12]:
+            op = col.operator("holofusion.history_import", text=f"{h.get('model')} / {h.get('category') or '-'} "
+                                                               f"seed {h.get('seed')} ({h.get('preset')})",
+                              icon="IMPORT")
+            op.job_id, op.seed = h.get("job_id") or "", int(h.get("seed") or 0)
+
+
+class HOLOFUSION_OT_set_seed(bpy.types.Operator):
+    bl_idname = "holofusion.set_seed"
+    bl_label = "Seed"
+    bl_description = "Previous / next seed, or a random one (0)"
+    bl_options = {"INTERNAL"}
+
+    delta: bpy.props.IntProperty()
+
+    def execute(self, context):
+        import random
+
+        s = context.scene.holofusion
+        s.seed = random.randrange(0, 2**31 - 1) if self.delta == 0 else max(0, min(2**31 - 1, s.seed + self.delta))
+        return {"FINISHED"}
+
+
+CLASSES = (HOLOFUSION_OT_set_seed, HOLOFUSION_PT_main, HOLOFUSION_PT_populate, HOLOFUSION_PT_history)
