@@ -101,7 +101,7 @@ class Connection(threading.Thread):
             m = client.next_event(job_id, 0.05)
             if m is None:
                 if time.monotonic() - last > self.timeout_s:
-                    client.ping()  # raises BackendLost if the backend is gone
+                    client.check_alive()  # raises BackendLost within about 2 x timeout_s if the backend is gone
                     last = time.monotonic()
                 continue
             last = time.monotonic()

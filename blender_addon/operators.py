@@ -38,7 +38,12 @@ def _report_end(op_report):
 def _spec(settings, seed: int, category: str | None = None) -> dict:
     cat = category if category is not None else (None if settings.category in ("ANY", "") else settings.category)
     return {"seed": int(seed), "model": settings.model or None, "category": cat, "preset": settings.preset,
-            "request_id": uuid.uuid4().hex}
+            "options": _options(settings), "request_id": uuid.uuid4().hex}
+
+
+def _options(settings) -> dict:
+    return {"texture_size": settings.texture_size, "faces": settings.faces,
+            "opacity_length": settings.opacity_length}
 
 
 def _next_seed(settings) -> int:
@@ -186,7 +191,8 @@ class HOLOFUSION_OT_reroll(_NeedsBackend, bpy.types.Operator):
             name, matrix, colls = old.name, old.matrix_world.copy(), list(old.users_collection)
             spec = {"seed": seed, "model": old.get("holofusion_model") or None,
                     "category": old.get("holofusion_category") or None,
-                    "preset": old.get("holofusion_preset") or settings.preset, "request_id": uuid.uuid4().hex}
+                    "preset": old.get("holofusion_preset") or settings.preset, "options": _options(settings),
+                    "request_id": uuid.uuid4().hex}
 
             def on_result(msg, name=name, matrix=matrix, colls=colls):
                 target = bpy.data.objects.get(name)

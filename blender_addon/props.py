@@ -80,6 +80,13 @@ class HoloFusionSettings(bpy.types.PropertyGroup):
         ("INCREMENT", "Increment", "Each Generate uses the next seed"),
         ("RANDOM", "Random", "Each Generate draws a random seed")])
     preset: EnumProperty(name="Preset", items=PRESETS, default="draft")
+    texture_size: IntProperty(name="Texture", default=1024, min=64, max=4096, subtype="PIXEL",
+                              description="Size of the baked base-colour texture")
+    faces: IntProperty(name="Faces", default=20000, min=100, max=500000,
+                       description="Triangles of the mesh after decimation")
+    opacity_length: FloatProperty(name="Surface Depth", default=1.0, min=0.01, max=100.0,
+                                  description="Where the surface sits in the density field: larger keeps fainter "
+                                              "parts (the backend's opacity length)")
     # batch populate
     count: IntProperty(name="Count", default=6, min=1, max=1000, description="Objects to place")
     first_seed: IntProperty(name="First Seed", default=0, min=0, max=2**31 - 1)

@@ -46,6 +46,10 @@ class HOLOFUSION_PT_main(_Panel, bpy.types.Panel):
         row.operator("holofusion.set_seed", text="", icon="FILE_REFRESH").delta = 0
         col.prop(s, "seed_mode", expand=True)
         col.prop(s, "preset")
+        row = col.row(align=True)
+        row.prop(s, "texture_size")
+        row.prop(s, "faces")
+        col.prop(s, "opacity_length")
         if session.busy():
             st = session.status
             factor = st.step / st.total if st.total else 0.0

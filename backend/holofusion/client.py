@@ -181,7 +181,7 @@ class Client:
         while True:
             m = self.next_event(job_id, self.timeout_s)
             if m is None:
-                self._check_alive()
+                self.check_alive()
                 continue
             yield from self._event(m)
             if m.msg_type in TERMINAL:
@@ -203,7 +203,7 @@ class Client:
                 return m
             self.backlog.append(m)
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         """After silence on a job stream: two pings of half the timeout each (the second on a fresh socket), so a
         dead backend is reported within about twice ``timeout_s`` of its last message."""
         saved = self.timeout_s, self.retries

@@ -23,7 +23,7 @@ from holofusion.client import BackendError, BackendLost, Client, result_mesh
 from holofusion.mesh.gltf import read_glb
 from holofusion.server.protocol import DELIMITER, Message, Signer, decode, encode
 
-from serverproc import OPTIONS, Backend  # tests/server is on sys.path under pytest
+from serverproc import OPTIONS, Backend  # tests/ is on sys.path under pytest (its conftest.py)
 
 
 @pytest.fixture(scope="module")
