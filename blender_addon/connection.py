@@ -28,7 +28,7 @@ class Connection(threading.Thread):
         self.commands: queue.Queue[tuple] = queue.Queue()
         self.events: queue.Queue[tuple] = queue.Queue()
         self.welcome: dict[str, Any] | None = None
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._later: list[tuple] = []
 
     # ------------------------------------------------------------------ main thread side
@@ -42,7 +42,7 @@ class Connection(threading.Thread):
         self.commands.put(("cancel", None, job_id))
 
     def stop(self, join_s: float = 3.0) -> None:
-        self._stop.set()
+        self._halt.set()
         self.commands.put(("stop", None, None))
         if self.is_alive() and threading.current_thread() is not self:
             self.join(join_s)
@@ -57,7 +57,7 @@ class Connection(threading.Thread):
         try:
             self.welcome = client.hello()
             self.events.put(("welcome", None, self.welcome))
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 cmd = self._later.pop(0) if self._later else self._next_command(0.1)
                 if cmd is None:
                     continue

@@ -254,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_worker(sub)
     _add_models(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -411,6 +412,35 @@ def _cmd_worker(args) -> int:
     run_worker(WorkerConfig(address=address, key=key, device=args.device, models=args.models, name=args.name,
                             threads=args.threads, timeout_s=args.timeout, parent_pid=args.parent_pid,
                             curve_serverkey=curve))
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the quick start: a scene made through the Blender extension, headless",
+                       description="Build the Blender extension, start a backend on the shipped model, and drive the "
+                                   "real Blender (the bpy module) headless: the extension is installed from its zip, "
+                                   "populates a small scene, and out/scene.blend, the first object's .glb and a "
+                                   "Cycles render out/preview.png are written.")
+    p.add_argument("--out", default="out", help="output folder (default: out)")
+    p.add_argument("--count", type=int, default=6, help="objects in the scene (default: 6)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    p.add_argument("--preset", default="draft", choices=["draft", "standard", "high"],
+                   help="generation preset (default: draft)")
+    p.add_argument("--model", default=None, help=f"model name (default: {DEFAULT_MODEL})")
+    p.add_argument("--samples", type=int, default=32, help="Cycles samples for the preview (default: 32)")
+    p.add_argument("--resolution", type=int, default=640, help="preview width in pixels (default: 640)")
+    p.add_argument("--device", default="auto", help="backend device: auto, cpu, cuda (default: auto)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    facts = run_demo(DemoConfig(out=args.out, count=args.count, seed=args.seed, preset=args.preset,
+                                model=args.model, samples=args.samples, resolution=args.resolution,
+                                device=args.device))
+    print(f"wrote {facts['scene']}, {facts['glb']} and {facts['preview']} ({facts['objects']} objects, seeds "
+          f"{', '.join(map(str, facts['seeds']))})")
     return 0
 
 
