@@ -7,6 +7,8 @@ that drains the connection thread's events, or synchronously in `blender -b`.
 
 from __future__ import annotations
 
+import atexit
+
 import bpy
 
 from . import operators, props, ui
@@ -31,6 +33,7 @@ def register() -> None:
     bpy.types.Scene.holofusion = bpy.props.PointerProperty(type=props.HoloFusionSettings)
     if not bpy.app.timers.is_registered(_timer):
         bpy.app.timers.register(_timer, first_interval=TIMER_S, persistent=True)
+    atexit.register(session.stop_local_backend)  # a backend we started ends with Blender
 
 
 def unregister() -> None:
@@ -38,6 +41,7 @@ def unregister() -> None:
         bpy.app.timers.unregister(_timer)
     session.disconnect()  # stops the connection thread and closes its socket
     session.stop_local_backend()
+    atexit.unregister(session.stop_local_backend)
     del bpy.types.Scene.holofusion
     for cls in reversed(_CLASSES):
         bpy.utils.unregister_class(cls)

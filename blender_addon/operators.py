@@ -69,6 +69,9 @@ def _connection(prefs) -> str | dict:
         host, _, port = prefs.address[len("tcp://"):].rpartition(":")
         if not port.isdigit():
             raise ValueError(f"{prefs.address!r}: the port must be a number")
+        if host not in ("127.0.0.1", "localhost", "::1") and not bpy.app.online_access:
+            raise ValueError(f"{host} is another machine and Blender's online access is off (Preferences > System > "
+                             "Network > Allow Online Access)")
         return {"ip": host, "port": int(port), "key": prefs.key}
     if not prefs.connection_file and not prefs.start_local:
         raise ValueError("set the backend's connection file (or an address and key) in the extension's preferences")

@@ -135,6 +135,10 @@ facts["killed"] = {"ended": [e[0] for e in ended], "error": ended[0][1] if ended
                    "new_objects": len(objects()) - n_before}
 
 bpy.ops.wm.save_as_mainfile(filepath=os.path.join(out_dir, "scene.blend"))
+# Disable while the connection thread is busy (knocking at a port where nothing answers): it must still end.
+session.connect({"ip": "127.0.0.1", "port": 9, "key": "0" * 64}, 0.5)
+time.sleep(0.2)
+facts["thread_alive_before_disable"] = session.conn is not None and session.conn.is_alive()
 bpy.ops.preferences.addon_disable(module=module)
 time.sleep(0.3)
 facts["threads_after_disable"] = [t.name for t in threading.enumerate() if t.name.startswith("holofusion")]

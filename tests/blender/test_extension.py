@@ -91,5 +91,5 @@ def test_extension_in_blender_against_a_live_backend(addon_zip, tiny_models, tmp
     k = f["killed"]
     assert k["ended"] == ["failed"] and "Backend lost" in k["error"] and k["state"] == "lost"
     assert k["panel_message"] == k["error"] and k["new_objects"] == 0 and k["seconds_to_notice"] < 5
-    assert f["threads_after_disable"] == [] and f["disabled"]
+    assert f["thread_alive_before_disable"] and f["threads_after_disable"] == [] and f["disabled"]
     assert (tmp_path / "scene.blend").is_file()
