@@ -125,6 +125,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--faces", type=int, default=50000)
     ap.add_argument("--texture", type=int, default=1024)
+    ap.add_argument("--load-models", default=None, metavar="DIR",
+                    help="folder of model folders for the load run (default: the shipped models); e.g. a tiny "
+                         "model, so that 100 jobs take a minute rather than the shipped model's draft time x 100")
+    ap.add_argument("--load-model", default=None, help="model name in --load-models for the load run")
+    ap.add_argument("--load-options", default=None, help="JSON options for the load run's jobs")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_server_"))
 
@@ -174,13 +179,24 @@ def main() -> None:
             gen = time.perf_counter() - t0
         print(f"one draft object from the shipped model ({faces} faces, {OPTIONS['texture_size']}^2 texture), "
               f"request to result: {gen:.2f} s; moving a 50k-face object is {move / gen * 100:.2f} % of that")
-        if args.jobs:
+    finally:
+        b.stop()
+    if args.jobs:
+        import json
+
+        extra = ("--models", args.load_models) if args.load_models else ()
+        opts = json.loads(args.load_options) if args.load_options else OPTIONS
+        b = Backend(tmp, "--workers", str(args.workers), "--device", "cpu", *extra)
+        try:
+            with Client(b.conn, timeout_s=5.0) as c:
+                c.hello()
+                wait_workers(c, args.workers)
             seen: dict[int, list[tuple[str, list[int]]]] = {}
 
             def client(k: int) -> None:
                 with Client(b.conn, timeout_s=5.0, name=f"load-{k}") as cc:
                     cc.hello()
-                    jobs = [cc.generate(seed=1000 * k + i, preset="draft", options=OPTIONS)
+                    jobs = [cc.generate(seed=1000 * k + i, preset="draft", model=args.load_model, options=opts)
                             for i in range(args.jobs)]
                     seen[k] = [(j, [e.content["seed"] for e in cc.events(j) if e.msg_type == "result"])
                                for j in jobs]
@@ -198,8 +214,8 @@ def main() -> None:
             print(f"load: {args.clients} clients x {args.jobs} jobs on {args.workers} workers: {total} results in "
                   f"{wall:.1f} s ({total / wall:.2f} objects/s, {wall / max(total, 1):.2f} s each); each exactly "
                   f"once on the wire: {exact}; all in the store: {in_store}")
-    finally:
-        b.stop()
+        finally:
+            b.stop()
 
 
 if __name__ == "__main__":
