@@ -566,13 +566,15 @@ class Server:
 
 def result_message(job_id: str, index: int, metadata: dict[str, Any], glb: bytes) -> Message:
     """A ``result`` message from a stored .glb (the arrays and texture it holds)."""
+    import numpy as np
+
     from ..mesh.gltf import read_glb
 
     data = read_glb(glb)
     descs, bufs = [], []
     for name, dtype in (("positions", "float32"), ("normals", "float32"), ("uvs", "float32"), ("faces", "uint32")):
         arr = data[name]
-        d, b = pack_array(name, arr.astype(dtype).tobytes(), dtype, list(arr.shape))
+        d, b = pack_array(name, np.ascontiguousarray(arr, dtype).data, dtype, list(arr.shape))  # one copy, not two
         descs.append(d)
         bufs.append(b)
     descs.append({"name": "texture", "kind": "png", "dtype": "uint8", "shape": [len(data["png"])]})
