@@ -9,6 +9,7 @@ Events are plain tuples ``(kind, tag, payload)``: ``welcome`` (the backend's hel
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -22,9 +23,11 @@ TERMINAL = ("done", "cancelled")
 
 
 class Connection(threading.Thread):
-    def __init__(self, connection: str | dict[str, Any], timeout_s: float = 1.0):
+    def __init__(self, connection: str | dict[str, Any], timeout_s: float = 1.0, preview_path: str | None = None):
         super().__init__(name="holofusion-connection", daemon=True)
         self.connection, self.timeout_s = connection, timeout_s
+        self.preview_path = preview_path
+        """Where this thread writes each live preview PNG (file work stays off Blender's main thread)."""
         self.commands: queue.Queue[tuple] = queue.Queue()
         self.events: queue.Queue[tuple] = queue.Queue()
         self.welcome: dict[str, Any] | None = None
@@ -108,6 +111,13 @@ class Connection(threading.Thread):
             if m.msg_type == "error":
                 self.events.put(("error", tag, (m.content["code"], m.content["message"])))
                 return
+            if m.msg_type == "preview" and self.preview_path:
+                tmp = self.preview_path + ".partial"
+                with open(tmp, "wb") as f:
+                    f.write(m.buffer("preview")[1])
+                os.replace(tmp, self.preview_path)
+                self.events.put(("preview", tag, self.preview_path))
+                continue
             self.events.put(("message", tag, m))
             if m.msg_type in TERMINAL:
                 return

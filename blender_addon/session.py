@@ -85,7 +85,7 @@ class Session:
 
     def connect(self, connection: str | dict, timeout_s: float = 1.0) -> None:
         self.disconnect()
-        self.conn = Connection(connection, timeout_s)
+        self.conn = Connection(connection, timeout_s, str(self.user_dir() / "preview.png"))
         self.state = "connecting"
         self.status.message = ""
         self.conn.start()
@@ -193,6 +193,8 @@ class Session:
             code, sentence = payload
             self.status.message = sentence
             self._end(task, "failed", sentence)
+        elif kind == "preview" and task is not None:
+            self._preview(payload)
         elif kind == "message" and task is not None:
             self._message(task, payload)
         return True
@@ -202,8 +204,6 @@ class Session:
         if t == "progress":
             self.status.stage, self.status.step, self.status.total = c["stage"], c["step"], c["total"]
             self.status.eta_s = c["eta_s"]
-        elif t == "preview":
-            self._preview(m.buffer("preview")[1])
         elif t == "result":
             task.on_result(m)
         elif t in ("done", "cancelled"):
@@ -218,17 +218,16 @@ class Session:
         self.status.stage, self.status.step, self.status.total = "", 0, 0
         task.on_end(state, error)
 
-    def _preview(self, png: bytes) -> None:
-        path = self.user_dir() / "preview.png"
-        path.write_bytes(png)
+    def _preview(self, path: str) -> None:
+        # The connection thread wrote the file; reload() only marks the image stale (Blender decodes it when the
+        # panel draws), so a preview costs the main thread almost nothing.
         img = bpy.data.images.get(PREVIEW_IMAGE)
         if img is None:
-            img = bpy.data.images.load(str(path))
+            img = bpy.data.images.load(path)
             img.name = PREVIEW_IMAGE
+            img.preview_ensure()
         else:
-            img.filepath = str(path)
             img.reload()
-        img.preview_ensure()
 
     # ------------------------------------------------------------------ history
     def history_file(self) -> Path:

@@ -96,10 +96,11 @@ def on_result(msg):
 ops = sys.modules[module + ".operators"]
 task = session.submit(ops._spec(s, 77), on_result, lambda state, err: None)
 while task.tag in session.tasks:
+    made = len(imports)
     t0 = time.perf_counter()
     applied = session.pump()
     dt = time.perf_counter() - t0
-    if applied and not imports or (applied and dt < 0.5):
+    if applied and len(imports) == made:  # the import itself is the one step allowed to take longer
         steps.append(dt)
     time.sleep(0.01)
 facts["main_thread"] = {"longest_step_ms": round(1000 * max(steps), 2), "steps": len(steps),
