@@ -38,8 +38,7 @@ from .protocol import (CLIENT_REQUESTS, PROTOCOL_VERSION, WORKER_REPORTS, Limits
 from .store import ResultStore
 from .worker import HEARTBEAT_S, WORKER_MESSAGE_BYTES, memory, resolve_device
 
-__all__ = ["Server", "ServeConfig", "default_connection_file", "write_connection_file", "result_message",
-           "preview_message", "png_bytes"]
+__all__ = ["Server", "ServeConfig", "default_connection_file", "write_connection_file", "result_message"]
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_ATTEMPTS = 2
@@ -150,7 +149,9 @@ class Server:
         self.worker_limits = Limits(max_message_bytes=WORKER_MESSAGE_BYTES)
         self.store = ResultStore(config.store or default_config_dir() / "store")
         self.models_dir = Path(config.models) if config.models else None
-        self._models()  # imports the model listing (and torch) now, not while a client waits for its welcome
+        # Listed once (it reads every model file's header): hello and generate answer from this; workers load the
+        # weights themselves when a job needs them.
+        self.models = self._list_models()
         self.ctx = zmq.Context.instance()
         self.curve_public = None
         if self.encrypted:
@@ -342,7 +343,7 @@ class Server:
             self._reply(identity, error_message(e.code, e.message), msg)
 
     # ------------------------------------------------------------------ client requests
-    def _models(self) -> list[dict[str, Any]]:
+    def _list_models(self) -> list[dict[str, Any]]:
         from ..generate import list_models
         from ..pipeline import MODELS_DIR
 
@@ -359,7 +360,7 @@ class Server:
 
             self._reply(identity, Message("welcome", {
                 "server": "holofusion", "version": __version__, "device": self._devices(), "memory": memory(),
-                "models": self._models(), "presets": list(PRESETS),
+                "models": self.models, "presets": list(PRESETS),
                 "workers": [w.summary() for w in self.workers.values()], "encrypted": self.encrypted,
                 "limits": {"max_message_bytes": self.cfg.limits.max_message_bytes, "max_count": 1000,
                            "max_seed": 2**31 - 1, "max_queue": self.cfg.max_queue}}), msg)
@@ -405,7 +406,7 @@ class Server:
         if c["preset"] not in PRESETS:
             raise ProtocolError("invalid_request", f"preset {c['preset']!r} is unknown; choose from "
                                                    f"{', '.join(PRESETS)}")
-        models = {m["name"]: m for m in self._models()}
+        models = {m["name"]: m for m in self.models}
         model = c["model"] or DEFAULT_MODEL
         if model not in models:
             raise ProtocolError("unknown_model", f"model {model!r} is not on this backend (it has: "
@@ -581,25 +582,6 @@ def result_message(job_id: str, index: int, metadata: dict[str, Any], glb: bytes
     bufs.append(bytes(data["png"]))
     return Message("result", {"job_id": job_id, "index": index, "seed": int(metadata["seed"]), "metadata": metadata,
                               "buffers": descs}, bufs)
-
-
-def preview_message(job_id: str, index: int, stage: str, image) -> Message:
-    import numpy as np
-
-    png = png_bytes((np.asarray(image.clamp(0, 1).cpu().numpy()) * 255 + 0.5).astype(np.uint8))
-    return Message("preview", {"job_id": job_id, "index": index, "stage": stage,
-                               "buffers": [{"name": "preview", "kind": "png", "dtype": "uint8",
-                                            "shape": [len(png)]}]}, [png])
-
-
-def png_bytes(image) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def serve(config: ServeConfig) -> None:

@@ -223,7 +223,6 @@ class Worker:
         from ..mesh.asset import AssetConfig, make_asset
         from ..mesh.extract import MeshConfig
         from ..pipeline import PipelineCancelled
-        from .app import png_bytes, preview_message
 
         job_id, req = order["job_id"], order["request"]
         opts = req.get("options") or {}
@@ -270,6 +269,25 @@ class Worker:
                 "buffers": [{"name": "glb", "kind": "array", "dtype": "uint8", "shape": [len(glb)]},
                             {"name": "preview", "kind": "png", "dtype": "uint8", "shape": [len(preview)]}]},
                 [glb, preview]))
+
+
+def preview_message(job_id: str, index: int, stage: str, image) -> Message:
+    import numpy as np
+
+    png = png_bytes((np.asarray(image.clamp(0, 1).cpu().numpy()) * 255 + 0.5).astype(np.uint8))
+    return Message("preview", {"job_id": job_id, "index": index, "stage": stage,
+                               "buffers": [{"name": "preview", "kind": "png", "dtype": "uint8",
+                                            "shape": [len(png)]}]}, [png])
+
+
+def png_bytes(image) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _job_error(job_id: str, code: str, message: str) -> Message:
