@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from holofusion.nets.decoder import Decoder, DecoderConfig, harmonic_embedding
+from holofusion.nets.decoder import ALBEDO_DIRECTIONS, Decoder, DecoderConfig, harmonic_embedding, sphere_directions
 
 
 def small_config(**overrides) -> DecoderConfig:
@@ -32,20 +32,33 @@ def test_output_shapes_and_ranges() -> None:
     assert no_feats.features.shape == (5, 7, 0)
 
 
-def test_albedo_ignores_direction_and_equals_rgb_without_view_branch() -> None:
+def test_albedo_is_the_colour_averaged_over_directions() -> None:
     gen = torch.Generator().manual_seed(2)
     feats = torch.randn(40, 6, generator=gen)
     dec = Decoder(small_config())
+    with torch.no_grad():  # a view branch whose residual has a mean of its own, as trained decoders' do
+        dec.view_out.bias.fill_(0.8)
     a = dec.albedo(feats)
-    torch.testing.assert_close(a, dec(feats, None).rgb)
-    # View dependence exists but is a small residual at init ...
-    rgb1 = dec(feats, unit_dirs(gen, 40)).rgb
-    rgb2 = dec(feats, unit_dirs(gen, 40)).rgb
-    assert not torch.allclose(rgb1, rgb2)
-    assert (rgb1 - a).abs().max() < 0.1
-    # ... and with no harmonics the colour is the albedo whatever the direction.
+    dirs = sphere_directions(ALBEDO_DIRECTIONS)
+    mean = torch.stack([dec(feats, d.expand(40, 3)).rgb for d in dirs]).mean(0)
+    torch.testing.assert_close(a, mean, atol=1e-6, rtol=1e-5)
+    # Dropping the residual would be a different colour: the bias alone moves it.
+    assert (dec(feats, None).rgb - a).abs().max() > 0.05
+    # The average does not depend on which direction set within reason: 4x more changes it by under 1/255.
+    dense = torch.stack([dec(feats, d.expand(40, 3)).rgb for d in sphere_directions(4 * ALBEDO_DIRECTIONS)]).mean(0)
+    assert (dense - a).abs().max() < 1 / 255
+    # With no harmonics the colour is the albedo whatever the direction.
     flat = Decoder(small_config(n_harmonics_dir=0))
     torch.testing.assert_close(flat(feats, unit_dirs(gen, 40)).rgb, flat.albedo(feats))
+    torch.testing.assert_close(flat(feats, None).rgb, flat.albedo(feats))
+
+
+def test_sphere_directions_are_unit_and_spread() -> None:
+    d = sphere_directions(64, dtype=torch.float64)
+    torch.testing.assert_close(d.norm(dim=-1), torch.ones(64, dtype=torch.float64))
+    assert d.mean(0).norm() < 0.02  # balanced over the sphere
+    gap = (d @ d.T).fill_diagonal_(-1).max(1).values.acos().min()
+    assert gap > 0.2  # no two nearly the same (0.45 rad is the mean spacing at 64)
 
 
 def test_project_then_decode_equals_forward() -> None:

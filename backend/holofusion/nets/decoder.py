@@ -8,10 +8,12 @@ Shape of the network (all ReLU, sizes from `DecoderConfig`):
         ReLU(view_pre + Linear(gamma(direction))) -> Linear -> view_logit (3)
     rgb = sigmoid(albedo_logit + view_logit)
 
-The direction enters only the small late view branch, which adds a residual to the colour logit. `albedo()` (or
-`forward` with `directions=None`) drops that residual: a view-independent colour for the mesh baker, equal to the
-rendered colour when the view branch is off (`n_harmonics_dir = 0`) and close to it when the branch is small
-(its output layer starts scaled by `view_init_scale`; training can add a penalty on the residual to keep it small).
+The direction enters only the small late view branch, which adds a residual to the colour logit. `forward` with
+`directions=None` drops that residual. `albedo()` is the view-independent colour the mesh baker and the distillation
+use: the rendered colour averaged over `ALBEDO_DIRECTIONS` directions spread over the sphere. Dropping the residual
+instead is not the same: the branch's ReLU hidden layer and output bias give the residual a mean of its own, which
+training freely trades against the albedo logit. On the shipped apple model, renders with the residual dropped
+are 22.9 dB (PSNR) from the real renders; a 64^3 grid of the averaged colour renders 43 dB from them.
 
 Density is returned *before* activation (`density_raw`, unbounded); the renderer applies
 `RenderConfig.density_activation` (softplus by default), so one decoder can be rendered and meshed with the same map
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 
 from ..configbase import DictConfig
 
-__all__ = ["DecoderConfig", "Decoder", "DecoderOutput", "harmonic_embedding"]
+__all__ = ["DecoderConfig", "Decoder", "DecoderOutput", "harmonic_embedding", "sphere_directions", "ALBEDO_DIRECTIONS"]
 
 
 @dataclass
@@ -190,5 +192,30 @@ class Decoder(nn.Module):
         return DecoderOutput(density_raw.reshape(lead), torch.sigmoid(logit).view(*lead, 3), feat)
 
     def albedo(self, features: Tensor) -> Tensor:
-        """(..., C) -> (..., 3) view-independent colour in [0, 1] (the view branch's residual left out)."""
-        return self(features, None).rgb
+        """(..., C) -> (..., 3) view-independent colour in [0, 1]: the colour averaged over ``ALBEDO_DIRECTIONS``
+        fixed directions spread over the sphere (the plain colour head when the view branch is off)."""
+        if not self.view_dependent:
+            return self(features, None).rgb
+        lead = features.shape[:-1]
+        first = self.trunk[0]
+        h = self._trunk_rest(F.linear(features.reshape(-1, features.shape[-1]), first.weight, first.bias).relu_())
+        _, albedo_logit, _, view_pre = self.head(h).split(self._split, dim=-1)
+        dirs = sphere_directions(ALBEDO_DIRECTIONS, h.device, h.dtype)
+        emb = self.view_dir(harmonic_embedding(dirs, self.config.n_harmonics_dir))  # (D, V)
+        rgb = torch.zeros_like(albedo_logit)
+        for d in range(emb.shape[0]):  # one direction at a time: (M, V) at most, whatever M is
+            rgb += torch.sigmoid(albedo_logit + self.view_out((view_pre + emb[d]).relu()))
+        return (rgb / emb.shape[0]).view(*lead, 3)
+
+
+ALBEDO_DIRECTIONS = 16
+"""Directions the view-independent colour averages over (more changes it by under 1/255 on the shipped models)."""
+
+
+def sphere_directions(n: int, device=None, dtype=torch.float32) -> Tensor:
+    """(n, 3) unit vectors spread evenly over the whole sphere (a Fibonacci lattice), the same every call."""
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    z = 1 - 2 * i / n
+    r = (1 - z * z).clamp_min(0).sqrt()
+    phi = i * math.pi * (3.0 - math.sqrt(5.0))
+    return torch.stack([r * torch.cos(phi), r * torch.sin(phi), z], -1).to(device=device, dtype=dtype)
