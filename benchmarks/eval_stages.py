@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from holofusion.distill import ExplicitField, distill, initial_grid, psnr, sharpness
+from holofusion.distill import ExplicitField, distill, initial_grid, start_grid, psnr, sharpness
 from holofusion.evaluate import (ColouredPoints, SurfaceConfig, chamfer_matrix, generative_metrics, reference_points,
                                  surface_points)
 from holofusion.pipeline import PRESETS, HoloFusionPipeline
@@ -74,7 +74,7 @@ def main() -> None:
             return pipe.super_resolve(fit_cond, seed, pre.sr_steps, None, init=renders, strength=strength,
                                       round_=round_)
 
-        init = initial_grid(coarse, pipe.hd.decoder, pre.distill.resolution)
+        init = start_grid(coarse, pipe.hd.decoder, pre.distill)
         res = distill(init, views[fit_idx], cams[fit_idx], pre.distill, torch.Generator().manual_seed(seed), resample)
         with torch.no_grad():
             held = cams[held_idx]

@@ -42,6 +42,7 @@ def unregister() -> None:
     session.disconnect()  # stops the connection thread and closes its socket
     session.stop_local_backend()
     atexit.unregister(session.stop_local_backend)
+    ui.release_thumbnails()
     del bpy.types.Scene.holofusion
     for cls in reversed(_CLASSES):
         bpy.utils.unregister_class(cls)

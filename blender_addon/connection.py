@@ -23,11 +23,14 @@ TERMINAL = ("done", "cancelled")
 
 
 class Connection(threading.Thread):
-    def __init__(self, connection: str | dict[str, Any], timeout_s: float = 1.0, preview_path: str | None = None):
+    def __init__(self, connection: str | dict[str, Any], timeout_s: float = 1.0, preview_path: str | None = None,
+                 thumb_dir: str | None = None):
         super().__init__(name="holofusion-connection", daemon=True)
         self.connection, self.timeout_s = connection, timeout_s
         self.preview_path = preview_path
         """Where this thread writes each live preview PNG (file work stays off Blender's main thread)."""
+        self.thumb_dir = thumb_dir
+        """Where this thread keeps each result's preview as ``<job_id>_<seed>.png``, the history's thumbnails."""
         self.commands: queue.Queue[tuple] = queue.Queue()
         self.events: queue.Queue[tuple] = queue.Queue()
         self.welcome: dict[str, Any] | None = None
@@ -70,6 +73,7 @@ class Connection(threading.Thread):
                         self._run_job(client, tag, arg)
                     elif kind == "fetch":
                         for m in client.fetch(arg):
+                            self._keep_thumbnail(m)
                             self.events.put(("message", tag, m))
                         self.events.put(("message", tag, _done(arg)))
                 except BackendError as e:
@@ -112,15 +116,35 @@ class Connection(threading.Thread):
                 self.events.put(("error", tag, (m.content["code"], m.content["message"])))
                 return
             if m.msg_type == "preview" and self.preview_path:
-                tmp = self.preview_path + ".partial"
-                with open(tmp, "wb") as f:
-                    f.write(m.buffer("preview")[1])
-                os.replace(tmp, self.preview_path)
+                _write(self.preview_path, m.buffer("preview")[1])
                 self.events.put(("preview", tag, self.preview_path))
                 continue
+            self._keep_thumbnail(m)
             self.events.put(("message", tag, m))
             if m.msg_type in TERMINAL:
                 return
+
+
+    def _keep_thumbnail(self, m) -> None:
+        if m.msg_type != "result" or not self.thumb_dir:
+            return
+        try:
+            png = m.buffer("preview")[1]
+        except KeyError:  # the backend's store had no preview for it
+            return
+        os.makedirs(self.thumb_dir, exist_ok=True)
+        _write(os.path.join(self.thumb_dir, thumbnail_name(m.content["job_id"], m.content["seed"])), png)
+
+
+def thumbnail_name(job_id: str, seed: int) -> str:
+    return f"{job_id}_{int(seed)}.png"
+
+
+def _write(path: str, data) -> None:
+    tmp = path + ".partial"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)  # a reader never sees half a file
 
 
 def _done(job_id: str):

@@ -95,7 +95,10 @@ class HOLOFUSION_OT_connect(bpy.types.Operator):
                 self.report({"ERROR"}, "set the Python that has holofusion installed, or turn off the local backend")
                 return {"CANCELLED"}
             conn_file = session.user_dir() / "local-backend.json"
-            session.start_local_backend(bpy.path.abspath(prefs.python), shlex.split(prefs.backend_args), conn_file)
+            args = shlex.split(prefs.backend_args)
+            if prefs.store_dir:
+                args += ["--store", bpy.path.abspath(prefs.store_dir)]
+            session.start_local_backend(bpy.path.abspath(prefs.python), args, conn_file)
             if not _wait_file(conn_file, 120):
                 self.report({"ERROR"}, f"the local backend did not start; see {session.user_dir() / 'backend.log'}")
                 return {"CANCELLED"}
@@ -122,8 +125,21 @@ def _wait_file(path: Path, timeout_s: float) -> bool:
 class _NeedsBackend:
     @classmethod
     def poll(cls, context):
-        if session.state != "connected":
-            cls.poll_message_set("Not connected to a HoloFusion backend")
+        if session.state in ("connected", "connecting"):
+            return True
+        prefs = preferences(context)
+        if prefs.auto_connect and (prefs.connection_file or prefs.address or prefs.start_local):
+            return True
+        cls.poll_message_set("Not connected to a HoloFusion backend")
+        return False
+
+    def ensure_connected(self, context) -> bool:
+        """Connects first when not connected ("Connect on Generate"); False (reported) if that failed."""
+        if session.state in ("connected", "connecting"):
+            return True
+        bpy.ops.holofusion.connect()
+        if session.state not in ("connected", "connecting"):
+            self.report({"ERROR"}, session.status.message or "not connected to a HoloFusion backend")
             return False
         return True
 
@@ -135,6 +151,8 @@ class HOLOFUSION_OT_generate(_NeedsBackend, bpy.types.Operator):
     bl_options = {"REGISTER"}
 
     def execute(self, context):
+        if not self.ensure_connected(context):
+            return {"CANCELLED"}
         settings = context.scene.holofusion
         seed = _next_seed(settings)
         location = context.scene.cursor.location.copy()
@@ -187,6 +205,8 @@ class HOLOFUSION_OT_reroll(_NeedsBackend, bpy.types.Operator):
         return True
 
     def execute(self, context):
+        if not self.ensure_connected(context):
+            return {"CANCELLED"}
         settings = context.scene.holofusion
         tasks = []
         for old in [o for o in context.selected_objects if _generated(o)]:
@@ -230,11 +250,23 @@ def layout_positions(context, settings, n: int) -> list[Vector]:
         obj = context.active_object
         if obj is None or obj.type != "MESH" or not obj.data.polygons:
             raise ValueError("layout 'on active mesh' needs an active mesh object with faces")
+        # Uniform over the surface: a triangle by area (in world space, so a scaled object is fair), then a
+        # uniform point in it; the same first seed scatters the same way.
         rng = random.Random(settings.first_seed)
-        polys = obj.data.polygons
-        areas = [p.area for p in polys]
-        picks = rng.choices(range(len(polys)), weights=areas, k=n)
-        return [obj.matrix_world @ polys[i].center for i in picks]
+        mesh, mw = obj.data, obj.matrix_world
+        mesh.calc_loop_triangles()
+        tris = [[mw @ mesh.vertices[v].co for v in t.vertices] for t in mesh.loop_triangles]
+        areas = [(b - a).cross(c - a).length / 2 for a, b, c in tris]
+        if not sum(areas) > 0:
+            raise ValueError(f"layout 'on active mesh': {obj.name!r} has no surface area")
+        out = []
+        for i in rng.choices(range(len(tris)), weights=areas, k=n):
+            u, v = rng.random(), rng.random()
+            if u + v > 1:
+                u, v = 1 - u, 1 - v
+            a, b, c = tris[i]
+            out.append(a + (b - a) * u + (c - a) * v)
+        return out
     side = math.ceil(math.sqrt(n))
     origin = context.scene.cursor.location
     return [origin + Vector(((i % side - (side - 1) / 2) * settings.spacing,
@@ -247,6 +279,8 @@ class HOLOFUSION_OT_populate(_NeedsBackend, bpy.types.Operator):
     bl_description = "Generate Count objects with seeds first + i x step and place them by the layout"
 
     def execute(self, context):
+        if not self.ensure_connected(context):
+            return {"CANCELLED"}
         s = context.scene.holofusion
         try:
             positions = layout_positions(context, s, s.count)
@@ -319,6 +353,8 @@ class HOLOFUSION_OT_history_import(_NeedsBackend, bpy.types.Operator):
     seed: bpy.props.IntProperty()
 
     def execute(self, context):
+        if not self.ensure_connected(context):
+            return {"CANCELLED"}
         location = context.scene.cursor.location.copy()
         seed = self.seed
 

@@ -33,6 +33,14 @@ class HoloFusionPreferences(bpy.types.AddonPreferences):
                            description="The Python that has holofusion installed (e.g. .venv/bin/python)")
     backend_args: StringProperty(name="Arguments", default="--device auto",
                                  description="Extra arguments for `holofusion serve`")
+    store_dir: StringProperty(
+        name="Store Folder", subtype="DIR_PATH", default="",
+        description="Where the local backend keeps every result (GLB, preview, metadata), so any can be re-imported "
+                    "later; empty: the backend's default folder in your user config")
+    auto_connect: BoolProperty(
+        name="Connect on Generate", default=True,
+        description="Generate, Re-roll and Populate connect first (starting the local backend if set) when not "
+                    "connected")
     timeout_s: FloatProperty(name="Timeout", default=1.0, min=0.2, max=30.0, unit="TIME_ABSOLUTE",
                              description="Seconds of backend silence before a retry; it is reported lost after two")
 
@@ -43,12 +51,14 @@ class HoloFusionPreferences(bpy.types.AddonPreferences):
         row.prop(self, "address")
         row.prop(self, "key")
         col.prop(self, "timeout_s")
+        col.prop(self, "auto_connect")
         box = col.box()
         box.prop(self, "start_local")
         sub = box.column()
         sub.active = self.start_local
         sub.prop(self, "python")
         sub.prop(self, "backend_args")
+        sub.prop(self, "store_dir")
         col.label(text=f"History and previews: {session.user_dir()}")
 
 

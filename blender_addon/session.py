@@ -20,7 +20,7 @@ from typing import Any
 
 import bpy
 
-from .connection import Connection
+from .connection import Connection, thumbnail_name
 
 __all__ = ["Session", "session", "Task"]
 
@@ -85,7 +85,8 @@ class Session:
 
     def connect(self, connection: str | dict, timeout_s: float = 1.0) -> None:
         self.disconnect()
-        self.conn = Connection(connection, timeout_s, str(self.user_dir() / "preview.png"))
+        self.conn = Connection(connection, timeout_s, str(self.user_dir() / "preview.png"),
+                               str(self.thumb_dir()))
         self.state = "connecting"
         self.status.message = ""
         self.conn.start()
@@ -239,9 +240,24 @@ class Session:
         except (FileNotFoundError, json.JSONDecodeError):
             return []
 
+    def thumb_dir(self) -> Path:
+        return self.user_dir() / "thumbs"
+
+    def thumbnail(self, item: dict[str, Any]) -> Path | None:
+        """The history item's thumbnail file (written by the connection thread with the result), if there is one."""
+        if not item.get("job_id") or item.get("seed") is None:
+            return None
+        p = self.thumb_dir() / thumbnail_name(item["job_id"], item["seed"])
+        return p if p.is_file() else None
+
     def remember(self, meta: dict[str, Any]) -> None:
         items = [h for h in self.history() if (h.get("job_id"), h.get("seed")) != (meta.get("job_id"), meta.get("seed"))]
         items.insert(0, {k: meta.get(k) for k in ("job_id", "model", "category", "seed", "preset")})
+        kept = {thumbnail_name(h["job_id"], h["seed"]) for h in items[:HISTORY_SIZE] if h.get("job_id")}
+        if self.thumb_dir().is_dir():  # thumbnails of items that fell off the history go with them
+            for p in self.thumb_dir().glob("*.png"):
+                if p.name not in kept:
+                    p.unlink(missing_ok=True)
         tmp = self.history_file().with_suffix(".partial")
         tmp.write_text(json.dumps(items[:HISTORY_SIZE], indent=1))
         os.replace(tmp, self.history_file())

@@ -96,10 +96,42 @@ class HOLOFUSION_PT_history(_Panel, bpy.types.Panel):
         if not items:
             col.label(text="Nothing generated yet")
         for h in items[:12]:
-            op = col.operator("holofusion.history_import", text=f"{h.get('model')} / {h.get('category') or '-'} "
-                                                               f"seed {h.get('seed')} ({h.get('preset')})",
-                              icon="IMPORT")
+            text = f"{h.get('model')} / {h.get('category') or '-'} seed {h.get('seed')} ({h.get('preset')})"
+            row = col.row(align=True)
+            icon = _thumbnail_icon(h)
+            if icon:
+                row.template_icon(icon_value=icon, scale=2.0)
+            op = row.operator("holofusion.history_import", text=text, icon="IMPORT")
             op.job_id, op.seed = h.get("job_id") or "", int(h.get("seed") or 0)
+
+
+_thumbs = None
+"""bpy.utils.previews collection of the history's thumbnails, keyed by file name; made on first draw."""
+
+
+def _thumbnail_icon(item) -> int:
+    """The icon id of a history item's thumbnail (0: none). Each file is loaded once; Blender decodes it lazily."""
+    global _thumbs
+    path = session.thumbnail(item)
+    if path is None:
+        return 0
+    if _thumbs is None:
+        import bpy.utils.previews
+
+        _thumbs = bpy.utils.previews.new()
+    if path.name not in _thumbs:
+        _thumbs.load(path.name, str(path), "IMAGE")
+    return _thumbs[path.name].icon_id
+
+
+def release_thumbnails() -> None:
+    """Frees the thumbnails (on unregister)."""
+    global _thumbs
+    if _thumbs is not None:
+        import bpy.utils.previews
+
+        bpy.utils.previews.remove(_thumbs)
+        _thumbs = None
 
 
 class HOLOFUSION_OT_set_seed(bpy.types.Operator):

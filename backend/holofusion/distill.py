@@ -33,7 +33,7 @@ from .grid import VoxelGrid
 from .nets.decoder import DecoderOutput
 from .render import RenderConfig, render_grid
 
-__all__ = ["DistillConfig", "ExplicitField", "DistillResult", "initial_grid", "distill", "patch_loss",
+__all__ = ["DistillConfig", "ExplicitField", "DistillResult", "object_box", "initial_grid", "start_grid", "distill", "patch_loss",
            "view_cameras", "DistillCancelled"]
 
 IterCallback = Callable[[int, int, "Tensor | None"], bool | None]
@@ -49,7 +49,13 @@ class DistillConfig(DictConfig):
     """How the high-resolution grid is fitted."""
 
     resolution: int = 64
-    """R: the distilled grid has R^3 cells over the coarse grid's box."""
+    """R: the distilled grid has R^3 cells over the object's cube (``box_density``)."""
+    box_density: float | None = 0.5
+    """The distilled grid spans the cube around where the coarse density exceeds this (world units^-1, after the
+    activation), padded by ``box_margin``; None: the coarse grid's whole box. The coarse box is about twice the
+    object's size, so this halves the cells' size at the same R."""
+    box_margin: float = 0.15
+    """Padding of that cube, as a fraction of its side, on each side."""
     iterations: int = 300
     """Most optimizer steps (fewer when it converges)."""
     lr: float = 0.15
@@ -62,7 +68,10 @@ class DistillConfig(DictConfig):
     shift_tolerance: int = 1
     """Largest misalignment in pixels the loss forgives (0: plain per-pixel loss)."""
     tv_weight: float = 1e-4
-    """Weight of the total-variation term on density and colour."""
+    """Weight of the total-variation term on density."""
+    tv_colour_weight: float | None = None
+    """Weight of the total-variation term on the colour logits (None: ``tv_weight``). Independently super-resolved
+    views disagree most in small colour detail; fitted freely, that disagreement becomes cell-sized speckle."""
     resample_every: int = 100
     """Steps between re-samplings of the targets (0: never)."""
     resample_strength: tuple[float, float] = (0.45, 0.15)
@@ -124,14 +133,40 @@ def _logit(x: Tensor, eps: float = 1e-3) -> Tensor:
 
 
 @torch.no_grad()
-def initial_grid(coarse: VoxelGrid, decoder: nn.Module, resolution: int, chunk: int = 65536) -> VoxelGrid:
-    """The coarse grid's decoded fields (raw density, albedo logits) at the cell centres of an R^3 grid over the same
-    box: (1, 4, R, R, R). ``decoder`` is the coarse model's (density before activation, as ``RenderConfig``'s
-    activation expects; the distilled grid uses the same activation)."""
+def object_box(coarse: VoxelGrid, decoder: nn.Module, density: float, margin: float, probe: int = 48,
+               activation: str = "softplus") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(box_min, box_max) of the cube around the cells of a ``probe``^3 lattice where the coarse grid's activated
+    density exceeds ``density``, padded by ``margin`` of its side (and a probe cell) and kept inside the coarse
+    box; the coarse box itself when nothing is that dense."""
+    from .render import activate_density
+
+    shell = VoxelGrid(torch.zeros(1, 1, probe, probe, probe, device=coarse.device), coarse.box_min, coarse.box_max)
+    pts = shell.cell_centers()
+    sigma = activate_density(decoder(coarse.sample(pts[None])[0]).density_raw, activation)
+    dense = pts[sigma > density]
+    lo_box, hi_box = torch.tensor(coarse.box_min), torch.tensor(coarse.box_max)
+    if dense.shape[0] == 0:
+        return coarse.box_min, coarse.box_max
+    cell = (hi_box - lo_box) / probe
+    lo, hi = dense.min(0).values.cpu() - cell, dense.max(0).values.cpu() + cell
+    centre, side = (lo + hi) / 2, float((hi - lo).max()) * (1 + 2 * margin)
+    side = min(side, float((hi_box - lo_box).min()))
+    lo = torch.maximum(centre - side / 2, lo_box)
+    lo = torch.minimum(lo, hi_box - side)  # shifted back inside, same side
+    return tuple(lo.tolist()), tuple((lo + side).tolist())
+
+
+@torch.no_grad()
+def initial_grid(coarse: VoxelGrid, decoder: nn.Module, resolution: int, chunk: int = 65536,
+                 box: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> VoxelGrid:
+    """The coarse grid's decoded fields (raw density, albedo logits) at the cell centres of an R^3 grid over ``box``
+    (default: the coarse grid's box; see ``object_box``): (1, 4, R, R, R). ``decoder`` is the coarse model's
+    (density before activation, as ``RenderConfig``'s activation expects; the distilled grid uses the same
+    activation)."""
     if coarse.batch_size != 1:
         raise ValueError(f"distil one object at a time; got a batch of {coarse.batch_size}")
-    shell = VoxelGrid(torch.zeros(1, 1, resolution, resolution, resolution, device=coarse.device), coarse.box_min,
-                      coarse.box_max)
+    box_min, box_max = box if box is not None else (coarse.box_min, coarse.box_max)
+    shell = VoxelGrid(torch.zeros(1, 1, resolution, resolution, resolution, device=coarse.device), box_min, box_max)
     pts = shell.cell_centers()
     raws, cols = [], []
     for start in range(0, pts.shape[0], chunk):
@@ -141,7 +176,16 @@ def initial_grid(coarse: VoxelGrid, decoder: nn.Module, resolution: int, chunk: 
         cols.append(decoder.albedo(feats))
     raw = torch.cat(raws).view(1, 1, resolution, resolution, resolution)
     rgb = torch.cat(cols).T.reshape(1, 3, resolution, resolution, resolution)
-    return VoxelGrid(torch.cat([raw, _logit(rgb)], 1).float(), coarse.box_min, coarse.box_max)
+    return VoxelGrid(torch.cat([raw, _logit(rgb)], 1).float(), box_min, box_max)
+
+
+def start_grid(coarse: VoxelGrid, decoder: nn.Module, config: DistillConfig) -> VoxelGrid:
+    """The grid a fit with ``config`` starts from: ``initial_grid`` over ``object_box`` (or the whole coarse box)."""
+    box = None
+    if config.box_density is not None:
+        box = object_box(coarse, decoder, config.box_density, config.box_margin,
+                         activation=config.render.density_activation)
+    return initial_grid(coarse, decoder, config.resolution, box=box)
 
 
 def view_cameras(k: int, distance: float, focal: float, size: int, elevation_deg: tuple[float, float] = (-5, 50),
@@ -223,8 +267,12 @@ def distill(init: VoxelGrid, targets: Tensor, cameras: PerspectiveCamera, config
         if out.fine is not None:  # the coarse pass too, as the HoloDiffusion loss does
             coarse_rgb = out.coarse.rgb.view(cfg.patches, p + 2 * s, p + 2 * s, 3).permute(0, 3, 1, 2)
             loss = loss + patch_loss(coarse_rgb, tgt, s).mean()
+        tv_c = cfg.tv_weight if cfg.tv_colour_weight is None else cfg.tv_colour_weight
+        # Channel-mean TV, weighted per kind (equal weights: the plain TV of all four channels).
         if cfg.tv_weight > 0:
-            loss = loss + cfg.tv_weight * _tv(params)
+            loss = loss + cfg.tv_weight * _tv(params[:, :1]) / 4
+        if tv_c > 0:
+            loss = loss + tv_c * _tv(params[:, 1:]) * 3 / 4
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

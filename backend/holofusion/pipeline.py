@@ -30,7 +30,7 @@ from torch import Tensor
 from .cameras import PerspectiveCamera
 from .data.co3d import mask_crop_box
 from .diffusion import SamplingCancelled
-from .distill import DistillCancelled, DistillConfig, ExplicitField, distill, initial_grid, view_cameras
+from .distill import DistillCancelled, DistillConfig, ExplicitField, distill, start_grid, view_cameras
 from .errors import UserError
 from .grid import VoxelGrid
 from .holodiffusion import HoloDiffusion, load_holodiffusion
@@ -234,7 +234,7 @@ class HoloFusionPipeline:
         if cfg.patch_size + 2 * cfg.shift_tolerance > side:  # a small super-resolution model's views
             cfg = replace(cfg, patch_size=max(2, side - 2 * cfg.shift_tolerance))
         with torch.no_grad():
-            init = initial_grid(coarse, self.hd.decoder, cfg.resolution)
+            init = start_grid(coarse, self.hd.decoder, cfg)
 
         def resample(renders: Tensor, strength: float, round_: int) -> Tensor:
             return self.super_resolve(cond, seed, pre.sr_steps, None, init=renders, strength=strength,

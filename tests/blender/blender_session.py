@@ -79,6 +79,48 @@ made = [o for o in objects() if o.name not in before]
 facts["populated"] = {"count": len(made), "seeds": sorted(int(o["holofusion_seed"]) for o in made),
                       "distinct_positions": len({tuple(round(x, 4) for x in o.location) for o in made})}
 facts["history"] = len(session.history())
+ui = sys.modules[module + ".ui"]
+first = session.history()[0]
+thumb = session.thumbnail(first)
+facts["thumbnail"] = {"file": thumb is not None and thumb.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n",
+                      "icon": ui._thumbnail_icon(first) > 0,
+                      "all": all(session.thumbnail(h) is not None for h in session.history())}
+
+# re-import the newest history item from the backend's store
+before = {o.name for o in objects()}
+facts["history_import"] = sorted(bpy.ops.holofusion.history_import(job_id=first["job_id"], seed=first["seed"]))
+again = [o for o in objects() if o.name not in before]
+facts["history_imported"] = [(int(o["holofusion_seed"]), o["holofusion_job_id"]) for o in again] == \
+    [(first["seed"], first["job_id"])]
+
+# scattered on the active mesh's surface: a 4 m plane at z = 1 (one quad: the points must spread over it)
+bpy.ops.mesh.primitive_plane_add(size=4.0, location=(10.0, 0.0, 1.0))
+s.count, s.first_seed, s.layout = 4, 60, "SURFACE"
+before = {o.name for o in objects()}
+facts["surface"] = sorted(bpy.ops.holofusion.populate())
+made = [o for o in objects() if o.name not in before]
+facts["surface_objects"] = {
+    "count": len(made), "on_plane": all(abs(o.location.z - 1.0) < 1e-5 and abs(o.location.x - 10.0) <= 2.0
+                                        and abs(o.location.y) <= 2.0 for o in made),
+    "distinct_positions": len({tuple(round(x, 4) for x in o.location) for o in made})}
+
+# one per selected object: two empties
+for o in bpy.context.selected_objects:
+    o.select_set(False)
+empties = []
+for i, xyz in enumerate([(-5.0, 1.0, 0.0), (-5.0, -1.0, 0.5)]):
+    e = bpy.data.objects.new(f"marker{i}", None)
+    bpy.context.scene.collection.objects.link(e)
+    e.location = xyz
+    e.select_set(True)
+    empties.append(e)
+bpy.context.view_layer.update()
+s.count, s.first_seed, s.layout = 2, 70, "SELECTED"
+before = {o.name for o in objects()}
+facts["selected"] = sorted(bpy.ops.holofusion.populate())
+made = [o for o in objects() if o.name not in before]
+facts["selected_positions"] = sorted([round(x, 4) for x in o.location] for o in made)
+s.layout = "GRID"
 
 # the longest main-thread step while a job streams: the timer's pump, called as Blender would call it
 s.preset = "standard"

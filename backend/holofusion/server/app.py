@@ -438,8 +438,8 @@ class Server:
         if record is None:
             raise ProtocolError("unknown_job", f"no job {job_id!r} in this backend's store")
         stored = self.store.results(job_id)
-        for index, meta, glb in stored:
-            self._reply(identity, result_message(job_id, index, meta, glb), msg, job_id)
+        for index, meta, glb, preview in stored:
+            self._reply(identity, result_message(job_id, index, meta, glb, preview), msg, job_id)
         self._reply(identity, Message("done", {"job_id": job_id, "results": len(stored)}), msg, job_id)
 
     def _finish(self, job: Job, state: str, error: str | None = None) -> None:
@@ -550,7 +550,7 @@ class Server:
                 return
             self.store.save_result(job.job_id, index, glb, preview, c["metadata"])
             job.done.add(index)
-            self._to_client(job, result_message(job.job_id, index, c["metadata"], glb))
+            self._to_client(job, result_message(job.job_id, index, c["metadata"], glb, preview))
         elif t in ("done", "cancelled", "error"):
             if t == "done":
                 self._finish(job, "done")
@@ -565,8 +565,10 @@ class Server:
             self.idle.append(identity)
 
 
-def result_message(job_id: str, index: int, metadata: dict[str, Any], glb: bytes) -> Message:
-    """A ``result`` message from a stored .glb (the arrays and texture it holds)."""
+def result_message(job_id: str, index: int, metadata: dict[str, Any], glb: bytes,
+                   preview: bytes | None = None) -> Message:
+    """A ``result`` message from a stored .glb (the arrays and texture it holds) and the object's preview PNG (a
+    small render, for thumbnails), when there is one."""
     import numpy as np
 
     from ..mesh.gltf import read_glb
@@ -580,6 +582,9 @@ def result_message(job_id: str, index: int, metadata: dict[str, Any], glb: bytes
         bufs.append(b)
     descs.append({"name": "texture", "kind": "png", "dtype": "uint8", "shape": [len(data["png"])]})
     bufs.append(bytes(data["png"]))
+    if preview:
+        descs.append({"name": "preview", "kind": "png", "dtype": "uint8", "shape": [len(preview)]})
+        bufs.append(bytes(preview))
     return Message("result", {"job_id": job_id, "index": index, "seed": int(metadata["seed"]), "metadata": metadata,
                               "buffers": descs}, bufs)
 

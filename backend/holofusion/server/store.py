@@ -59,8 +59,8 @@ class ResultStore:
         _atomic_write(d / f"{index}.json", json.dumps(metadata, indent=1).encode())  # last: marks it complete
         return d / f"{index}.glb"
 
-    def results(self, job_id: str) -> list[tuple[int, dict[str, Any], bytes]]:
-        """(index, metadata, glb bytes) of every stored object of a job, by index."""
+    def results(self, job_id: str) -> list[tuple[int, dict[str, Any], bytes, bytes | None]]:
+        """(index, metadata, glb bytes, preview png bytes or None) of every stored object of a job, by index."""
         try:
             d = self._dir(job_id)
         except KeyError:
@@ -69,7 +69,9 @@ class ResultStore:
             return []
         out = []
         for meta in sorted(d.glob("[0-9]*.json"), key=lambda p: int(p.stem)):
-            out.append((int(meta.stem), json.loads(meta.read_text()), (d / f"{meta.stem}.glb").read_bytes()))
+            png = d / f"{meta.stem}.png"
+            out.append((int(meta.stem), json.loads(meta.read_text()), (d / f"{meta.stem}.glb").read_bytes(),
+                        png.read_bytes() if png.is_file() else None))
         return out
 
     def jobs(self) -> list[str]:
