@@ -109,19 +109,25 @@ _thumbs = None
 """bpy.utils.previews collection of the history's thumbnails, keyed by file name; made on first draw."""
 
 
-def _thumbnail_icon(item) -> int:
-    """The icon id of a history item's thumbnail (0: none). Each file is loaded once; Blender decodes it lazily."""
+def thumbnail_preview(item):
+    """The history item's thumbnail as a loaded ``ImagePreview`` (None: no thumbnail). Each file loads once."""
     global _thumbs
     path = session.thumbnail(item)
     if path is None:
-        return 0
+        return None
     if _thumbs is None:
         import bpy.utils.previews
 
         _thumbs = bpy.utils.previews.new()
     if path.name not in _thumbs:
         _thumbs.load(path.name, str(path), "IMAGE")
-    return _thumbs[path.name].icon_id
+    return _thumbs[path.name]
+
+
+def _thumbnail_icon(item) -> int:
+    """The icon id of a history item's thumbnail (0: none; always 0 in ``blender -b``, which draws no icons)."""
+    preview = thumbnail_preview(item)
+    return preview.icon_id if preview is not None else 0
 
 
 def release_thumbnails() -> None:

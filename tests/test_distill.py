@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from holofusion.distill import (DistillConfig, ExplicitField, distill, initial_grid, patch_loss, sharpness,
-                                view_cameras)
+from holofusion.distill import (DistillConfig, ExplicitField, distill, initial_grid, object_box, patch_loss,
+                                sharpness, start_grid, view_cameras)
 from holofusion.errors import UserError
 from holofusion.grid import VoxelGrid
 from holofusion.pipeline import PRESETS, HoloFusionPipeline, PipelineCancelled, with_distill
@@ -117,6 +117,59 @@ def test_distillation_stops_early_when_converged(pipe):
     res = distill(initial_grid(coarse, pipe.hd.decoder, 16), views, cams, pre.distill,
                   torch.Generator().manual_seed(0))
     assert res.converged and res.iterations < 400
+
+
+def test_the_object_box_holds_the_dense_part_and_shrinks_the_cells(pipe):
+    coarse = pipe.coarse(3, None, 5, None)
+    lo, hi = object_box(coarse, pipe.hd.decoder, density=0.5, margin=0.15)
+    side = [b - a for a, b in zip(lo, hi)]
+    assert max(side) - min(side) < 1e-5  # a cube
+    assert all(a >= c - 1e-6 and b <= d + 1e-6 for a, b, c, d in zip(lo, hi, coarse.box_min, coarse.box_max))
+    # Every cell denser than the threshold is inside it.
+    pts = VoxelGrid(torch.zeros(1, 1, 32, 32, 32), coarse.box_min, coarse.box_max).cell_centers()
+    with torch.no_grad():
+        sigma = torch.nn.functional.softplus(pipe.hd.decoder(coarse.sample(pts[None])[0]).density_raw)
+    dense = pts[sigma > 0.5]
+    if dense.shape[0]:
+        assert (dense >= torch.tensor(lo) - 0.25).all() and (dense <= torch.tensor(hi) + 0.25).all()
+    # Nothing that dense: the whole coarse box.
+    assert object_box(coarse, pipe.hd.decoder, density=1e9, margin=0.1) == (coarse.box_min, coarse.box_max)
+    grid = start_grid(coarse, pipe.hd.decoder, DistillConfig(resolution=8))
+    assert (grid.box_min, grid.box_max) == object_box(coarse, pipe.hd.decoder, 0.5, 0.15)
+    whole = start_grid(coarse, pipe.hd.decoder, DistillConfig(resolution=8, box_density=None))
+    assert (whole.box_min, whole.box_max) == (coarse.box_min, coarse.box_max)
+
+
+def test_the_synchronised_phase_ends_on_views_the_grid_agrees_with(pipe):
+    """Each synchronised step continues from the grid's renders, so the final views are close to the grid's own
+    renders; views re-sampled independently from the same renders are not. Progress counts every fit step."""
+    pre = small_preset(resample_every=0, iterations=10, tolerance=-1.0, sync_steps=3, sync_iterations=4,
+                       sync_strength=0.6)
+    coarse = pipe.coarse(3, None, 5, None)
+    cams, cond = pipe.conditions(coarse, pre)
+    views = pipe.super_resolve(cond, 3, 3, None)
+
+    def sync(renders, strength, steps, hook):
+        return pipe.super_resolve(cond, 3, steps, None, init=renders, strength=strength, round_=500, x0_hook=hook)
+
+    seen = []
+    res = distill(start_grid(coarse, pipe.hd.decoder, pre.distill), views, cams, pre.distill,
+                  torch.Generator().manual_seed(0), callback=lambda i, n, p: seen.append((i, n)), sync=sync)
+    assert res.iterations == 10 + (3 + 1) * 4 == len(res.losses)
+    assert [i for i, _ in seen] == list(range(1, 27)) and {n for _, n in seen} == {26}
+    with torch.no_grad():
+        renders = render_grid(res.grid, ExplicitField(), cams, pre.distill.render).rgb.permute(0, 3, 1, 2).clamp(0, 1)
+    independent = pipe.super_resolve(cond, 3, 3, None, init=renders, strength=0.6, round_=7)
+    synced_gap = float((res.targets - renders).abs().mean())
+    independent_gap = float((independent - renders).abs().mean())
+    assert synced_gap < 0.7 * independent_gap, f"{synced_gap:.4f} vs {independent_gap:.4f}"
+
+
+def test_the_pipeline_runs_the_synchronised_phase_and_reproduces(pipe):
+    pre = small_preset(resample_every=0, iterations=6, tolerance=-1.0, sync_steps=2, sync_iterations=3)
+    a, b = pipe(5, preset=pre), pipe(5, preset=pre)
+    assert a.distill_iterations == 6 + 3 * 3
+    assert torch.equal(a.distilled.features, b.distilled.features)
 
 
 def test_sharpness_measures_edges():

@@ -34,7 +34,7 @@ from .nets.decoder import DecoderOutput
 from .render import RenderConfig, render_grid
 
 __all__ = ["DistillConfig", "ExplicitField", "DistillResult", "object_box", "initial_grid", "start_grid", "distill", "patch_loss",
-           "view_cameras", "DistillCancelled"]
+           "view_cameras", "DistillCancelled", "GridFit"]
 
 IterCallback = Callable[[int, int, "Tensor | None"], bool | None]
 """callback(iteration, total, preview image (H, W, 3) or None) -> False stops the fit."""
@@ -78,6 +78,16 @@ class DistillConfig(DictConfig):
     """SDEdit noise level (fraction of T) of the first and of the last re-sampling; linear in between."""
     sr_steps: int = 10
     """Sampler steps of the super-resolution model per (re-)sampling."""
+    sync_steps: int = 0
+    """After the first fit: a synchronised phase of this many super-resolution sampler steps (0: none). All K
+    views are denoised together from their renders noised to ``sync_strength``; after every step the grid is fitted
+    to the K denoised estimates for ``sync_iterations`` steps and its renders replace them, so each view's next step
+    continues from what all views agree on. Detail is added as the noise falls, one consistent object throughout
+    (independently re-sampled targets, ``resample_every``, each add detail of their own)."""
+    sync_strength: float = 0.6
+    """Noise level (fraction of T) the synchronised phase starts from."""
+    sync_iterations: int = 20
+    """Fit steps after each synchronised sampler step."""
     tolerance: float = 0.005
     """Stop when the windowed loss falls by less than this fraction over a window (after the last re-sampling)."""
     window: int = 25
@@ -89,6 +99,9 @@ class DistillConfig(DictConfig):
         self.resample_strength = tuple(float(x) for x in self.resample_strength)
         if len(self.resample_strength) != 2 or not all(0 < x <= 1 for x in self.resample_strength):
             raise ValueError(f"resample_strength must be two levels in (0, 1]; got {self.resample_strength}")
+        if not 0 < self.sync_strength <= 1 or self.sync_steps < 0 or self.sync_iterations < 1:
+            raise ValueError(f"sync_strength must be in (0, 1], sync_steps >= 0 and sync_iterations >= 1; got "
+                             f"{self.sync_strength}, {self.sync_steps}, {self.sync_iterations}")
         if self.resolution < 4 or self.iterations < 1 or self.patches < 1 or self.patch_size < 2:
             raise ValueError("resolution >= 4, iterations >= 1, patches >= 1 and patch_size >= 2 are required")
 
@@ -218,48 +231,34 @@ def _patch_pixels(corner: Tensor, size: int) -> Tensor:
     return corner[:, None, :].float() + offs[None]
 
 
-def distill(init: VoxelGrid, targets: Tensor, cameras: PerspectiveCamera, config: DistillConfig,
-            generator: torch.Generator, resample: Callable[[Tensor, float, int], Tensor] | None = None,
-            callback: IterCallback | None = None, preview_every: int = 0) -> DistillResult:
-    """Fits an explicit grid to K target views.
+class GridFit:
+    """The explicit grid being fitted and its optimizer: ``step(targets)`` takes one optimizer step on random
+    patches of the K target views, ``render()`` renders the grid at all K views. ``distill`` drives it."""
 
-    init: (1, 4, R, R, R) explicit grid (``initial_grid``). targets: (K, 3, H, W) in [0, 1] of ``cameras`` (K, at
-    H x W). resample(renders (K, 3, H, W), strength, round) -> new targets: the super-resolution model's SDEdit
-    (None: keep the targets). Every random draw (patches, ray jitter) comes from ``generator``.
-    """
-    cfg = config
-    field_fn = ExplicitField()
-    k, _, h, w = targets.shape
-    if len(cameras) != k:
-        raise ValueError(f"{k} targets but {len(cameras)} cameras")
-    device = init.device
-    params = init.features.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([params], lr=cfg.lr)
-    targets = targets.to(device)
-    s, p = cfg.shift_tolerance, cfg.patch_size
-    if p + 2 * s > min(h, w):
-        raise ValueError(f"patch_size + 2 * shift_tolerance ({p + 2 * s}) exceeds the view size ({h} x {w})")
-    rounds = (cfg.iterations - 1) // cfg.resample_every if (cfg.resample_every and resample is not None) else 0
-    last_resample = rounds * cfg.resample_every
-    losses: list[float] = []
-    converged = False
-    it = 0
-    for it in range(1, cfg.iterations + 1):
-        if rounds and it > 1 and (it - 1) % cfg.resample_every == 0:
-            r = (it - 1) // cfg.resample_every
-            a, b = cfg.resample_strength
-            strength = a + (b - a) * (r - 1) / max(1, rounds - 1)
-            with torch.no_grad():
-                full = render_grid(VoxelGrid(params, init.box_min, init.box_max), field_fn, cameras, cfg.render)
-            targets = resample(full.rgb.permute(0, 3, 1, 2).clamp(0, 1), strength, r).to(device)
-        view = torch.randint(0, k, (cfg.patches,), generator=generator)
-        corner = torch.stack([torch.randint(0, w - p - 2 * s + 1, (cfg.patches,), generator=generator),
-                              torch.randint(0, h - p - 2 * s + 1, (cfg.patches,), generator=generator)], -1)
+    def __init__(self, init: VoxelGrid, cameras: PerspectiveCamera, config: DistillConfig,
+                 generator: torch.Generator):
+        self.cfg, self.cameras, self.generator = config, cameras, generator
+        self.field = ExplicitField()
+        self.box = (init.box_min, init.box_max)
+        self.params = init.features.detach().clone().requires_grad_(True)
+        self.opt = torch.optim.Adam([self.params], lr=config.lr)
+        self.losses: list[float] = []
+
+    @property
+    def grid(self) -> VoxelGrid:
+        return VoxelGrid(self.params, *self.box)
+
+    def step(self, targets: Tensor) -> float:
+        cfg, k = self.cfg, len(self.cameras)
+        _, _, h, w = targets.shape
+        s, p = cfg.shift_tolerance, cfg.patch_size
+        gen, device = self.generator, self.params.device
+        view = torch.randint(0, k, (cfg.patches,), generator=gen)
+        corner = torch.stack([torch.randint(0, w - p - 2 * s + 1, (cfg.patches,), generator=gen),
+                              torch.randint(0, h - p - 2 * s + 1, (cfg.patches,), generator=gen)], -1)
         xy = _patch_pixels(corner, p + 2 * s).to(device)
-        cams = cameras[view.tolist()]
-        grid = VoxelGrid(params, init.box_min, init.box_max)
         # Every patch is a camera of its own over the one grid: B = 1 scene, V = patches.
-        out = render_grid(grid, field_fn, cams, cfg.render, xy, generator)
+        out = render_grid(self.grid, self.field, self.cameras[view.tolist()], cfg.render, xy, gen)
         rendered = out.rgb.view(cfg.patches, p + 2 * s, p + 2 * s, 3).permute(0, 3, 1, 2)
         tgt = torch.stack([targets[v, :, y + s:y + s + p, x + s:x + s + p]
                            for v, (x, y) in zip(view.tolist(), corner.tolist())])
@@ -270,28 +269,98 @@ def distill(init: VoxelGrid, targets: Tensor, cameras: PerspectiveCamera, config
         tv_c = cfg.tv_weight if cfg.tv_colour_weight is None else cfg.tv_colour_weight
         # Channel-mean TV, weighted per kind (equal weights: the plain TV of all four channels).
         if cfg.tv_weight > 0:
-            loss = loss + cfg.tv_weight * _tv(params[:, :1]) / 4
+            loss = loss + cfg.tv_weight * _tv(self.params[:, :1]) / 4
         if tv_c > 0:
-            loss = loss + tv_c * _tv(params[:, 1:]) * 3 / 4
-        opt.zero_grad(set_to_none=True)
+            loss = loss + tv_c * _tv(self.params[:, 1:]) * 3 / 4
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        self.opt.step()
+        self.losses.append(float(loss.detach()))
+        return self.losses[-1]
+
+    @torch.no_grad()
+    def render(self, cameras: PerspectiveCamera | None = None) -> Tensor:
+        """(K, 3, H, W) renders of the grid in [0, 1] at ``cameras`` (default: the K fitted views)."""
+        out = render_grid(self.grid, self.field, self.cameras if cameras is None else cameras, self.cfg.render)
+        return out.rgb.permute(0, 3, 1, 2).clamp(0, 1)
+
+
+SyncSampler = Callable[[Tensor, float, int, Callable[[Tensor, int, int], Tensor]], Tensor]
+"""sync(renders (K, 3, H, W), strength, steps, hook) -> final views: the super-resolution sampler run from the
+renders noised to ``strength`` (SDEdit), calling hook(x0 images, step, total) after every denoising step and
+continuing from the images the hook returns."""
+
+
+def distill(init: VoxelGrid, targets: Tensor, cameras: PerspectiveCamera, config: DistillConfig,
+            generator: torch.Generator, resample: Callable[[Tensor, float, int], Tensor] | None = None,
+            callback: IterCallback | None = None, preview_every: int = 0,
+            sync: SyncSampler | None = None) -> DistillResult:
+    """Fits an explicit grid to K target views.
+
+    init: (1, 4, R, R, R) explicit grid (``initial_grid``). targets: (K, 3, H, W) in [0, 1] of ``cameras`` (K, at
+    H x W). resample(renders (K, 3, H, W), strength, round) -> new targets: the super-resolution model's SDEdit
+    (None: keep the targets). sync: the synchronised phase's sampler (``SyncSampler``; used when
+    ``config.sync_steps`` > 0). Every random draw (patches, ray jitter) comes from ``generator``.
+    """
+    cfg = config
+    k, _, h, w = targets.shape
+    if len(cameras) != k:
+        raise ValueError(f"{k} targets but {len(cameras)} cameras")
+    s, p = cfg.shift_tolerance, cfg.patch_size
+    if p + 2 * s > min(h, w):
+        raise ValueError(f"patch_size + 2 * shift_tolerance ({p + 2 * s}) exceeds the view size ({h} x {w})")
+    fit = GridFit(init, cameras, cfg, generator)
+    targets = targets.to(init.device)
+    rounds = (cfg.iterations - 1) // cfg.resample_every if (cfg.resample_every and resample is not None) else 0
+    last_resample = rounds * cfg.resample_every
+    synced = bool(cfg.sync_steps and sync is not None)
+    total = cfg.iterations + (cfg.sync_steps + 1) * cfg.sync_iterations if synced else cfg.iterations
+    count = 0
+
+    def report() -> None:
         preview = None
-        if preview_every and (it % preview_every == 0 or it == cfg.iterations):
-            with torch.no_grad():
-                preview = render_grid(VoxelGrid(params, init.box_min, init.box_max), field_fn, cameras[:1],
-                                      cfg.render).rgb[0].clamp(0, 1).cpu()
-        if callback is not None and callback(it, cfg.iterations, preview) is False:
-            raise DistillCancelled(f"distillation stopped by the callback after step {it} of {cfg.iterations}")
-        n = cfg.window
+        if preview_every and (count % preview_every == 0 or count == total):
+            preview = fit.render(cameras[:1])[0].permute(1, 2, 0).cpu()
+        if callback is not None and callback(count, total, preview) is False:
+            raise DistillCancelled(f"distillation stopped by the callback after step {count} of {total}")
+
+    converged = False
+    for it in range(1, cfg.iterations + 1):
+        if rounds and it > 1 and (it - 1) % cfg.resample_every == 0:
+            r = (it - 1) // cfg.resample_every
+            a, b = cfg.resample_strength
+            strength = a + (b - a) * (r - 1) / max(1, rounds - 1)
+            targets = resample(fit.render(), strength, r).to(init.device)
+        fit.step(targets)
+        count += 1
+        report()
+        n, losses = cfg.window, fit.losses
         if it >= last_resample + 2 * n and len(losses) >= 2 * n:
             prev, cur = sum(losses[-2 * n:-n]) / n, sum(losses[-n:]) / n
             if prev - cur < cfg.tolerance * prev:
                 converged = True
                 break
-    grid = VoxelGrid(params.detach(), init.box_min, init.box_max)
-    return DistillResult(grid, targets.detach(), losses, it, converged)
+    if synced:
+        # Early stopping shortens the first phase only; the progress total drops what it skipped.
+        total -= cfg.iterations - count
+
+        def hook(x0: Tensor, step: int, steps: int) -> Tensor:
+            nonlocal count
+            x0 = x0.to(init.device)
+            with torch.enable_grad():  # the sampler runs under no_grad
+                for _ in range(cfg.sync_iterations):
+                    fit.step(x0)
+                    count += 1
+                    report()
+            return fit.render()
+
+        targets = sync(fit.render(), cfg.sync_strength, cfg.sync_steps, hook).to(init.device)
+        for _ in range(cfg.sync_iterations):  # the last denoised views, fitted once more
+            fit.step(targets)
+            count += 1
+            report()
+    grid = VoxelGrid(fit.params.detach(), *fit.box)
+    return DistillResult(grid, targets.detach(), fit.losses, count, converged)
 
 
 def sharpness(images: Tensor) -> float:

@@ -212,7 +212,8 @@ class HoloFusionPipeline:
         return cams, Condition.from_render(out.rgb, out.alpha, out.features)
 
     def super_resolve(self, cond: Condition, seed: int, steps: int, callback: PipelineCallback | None,
-                      init: Tensor | None = None, strength: float = 1.0, round_: int = 0) -> Tensor:
+                      init: Tensor | None = None, strength: float = 1.0, round_: int = 0,
+                      x0_hook=None) -> Tensor:
         """Stage 2: (K, 3, H, W) super-resolved views; view k of round r draws from a generator seeded by (seed, r,
         k) alone."""
         seeds = [_view_seed(seed, round_, k) for k in range(len(cond))]
@@ -222,7 +223,7 @@ class HoloFusionPipeline:
 
         try:
             return self.sr.sample(cond, seeds, steps=steps, init=init, strength=strength,
-                                  callback=step if round_ == 0 else None)
+                                  callback=step if round_ == 0 else None, x0_hook=x0_hook)
         except SamplingCancelled as e:
             raise PipelineCancelled("superres", str(e)) from None
 
@@ -243,12 +244,21 @@ class HoloFusionPipeline:
         def step(i: int, total: int, preview: Tensor | None) -> bool:
             return _go(callback, "distill", i, total, preview)
 
+        def sync(renders: Tensor, strength: float, steps: int, hook) -> Tensor:
+            return self.super_resolve(cond, seed, steps, None, init=renders, strength=strength, round_=SYNC_ROUND,
+                                      x0_hook=hook)
+
         gen = torch.Generator().manual_seed(_view_seed(seed, 999, 0))
         try:
-            res = distill(init, views, cams, cfg, gen, resample, step, preview_every=max(1, cfg.iterations // 10))
+            res = distill(init, views, cams, cfg, gen, resample, step, preview_every=max(1, cfg.iterations // 10),
+                          sync=sync)
         except DistillCancelled as e:
             raise PipelineCancelled("distill", str(e)) from None
         return res.grid, res.iterations
+
+
+SYNC_ROUND = 500
+"""The round number of the synchronised phase's view seeds (re-sampling rounds are 1, 2, ...)."""
 
 
 def _view_seed(seed: int, round_: int, view: int) -> int:

@@ -17,7 +17,7 @@ Sampling is seeded per view (one ``torch.Generator`` each) and may start from a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -167,7 +167,8 @@ class SuperRes(nn.Module):
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, cond: Condition, seeds: Sequence[int], steps: int = 10, sampler: str = "dpm++",
-               init: Tensor | None = None, strength: float = 1.0, callback: StepCallback | None = None) -> Tensor:
+               init: Tensor | None = None, strength: float = 1.0, callback: StepCallback | None = None,
+               x0_hook: Callable[[Tensor, int, int], Tensor] | None = None) -> Tensor:
         """Super-resolved images (N, 3, H, W) in [0, 1], view i drawn from its own generator seeded by seeds[i].
 
         ``init`` (N, 3, H, W) in [0, 1] with ``strength`` < 1: start from that image noised to step
@@ -188,8 +189,17 @@ class SuperRes(nn.Module):
             x0 = self.to_latent(init.to(self.device), up)
             x = self.schedule.q_sample(x0, torch.full((len(seeds),), start, device=self.device), noise)
             steps = max(1, min(steps, start + 1))
-        x = sample(lambda x_t, t: self.denoise(x_t, t, up), x, self.schedule, sampler, steps, gens, callback,
-                   start=start)
+        calls = 0
+
+        def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+            nonlocal calls
+            x0 = self.denoise(x_t, t, up)
+            if x0_hook is None:
+                return x0
+            calls += 1
+            return self.to_latent(x0_hook(self.from_latent(x0, up), calls, steps).to(self.device), up)
+
+        x = sample(denoise, x, self.schedule, sampler, steps, gens, callback, start=start)
         return self.from_latent(x, up)
 
 

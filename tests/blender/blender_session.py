@@ -83,7 +83,7 @@ ui = sys.modules[module + ".ui"]
 first = session.history()[0]
 thumb = session.thumbnail(first)
 facts["thumbnail"] = {"file": thumb is not None and thumb.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n",
-                      "icon": ui._thumbnail_icon(first) > 0,
+                      "preview_size": list(ui.thumbnail_preview(first).image_size),
                       "all": all(session.thumbnail(h) is not None for h in session.history())}
 
 # re-import the newest history item from the backend's store

@@ -86,7 +86,7 @@ def test_extension_in_blender_against_a_live_backend(addon_zip, tiny_models, tmp
     assert f["rerolled"] == {"seed": 4, "location": [1.0, 2.0, 3.0], "rotation_z": 0.7, "count": 2}
     assert f["populated"] == {"count": 6, "seeds": [40, 42, 44, 46, 48, 50], "distinct_positions": 6}
     assert f["history"] >= 9
-    assert f["thumbnail"] == {"file": True, "icon": True, "all": True}
+    assert f["thumbnail"] == {"file": True, "preview_size": [128, 128], "all": True}
     assert f["history_import"] == ["FINISHED"] and f["history_imported"]
     assert f["surface"] == ["FINISHED"]
     assert f["surface_objects"] == {"count": 4, "on_plane": True, "distinct_positions": 4}
