@@ -8,7 +8,9 @@ distilled from the first K only. Then:
 - sharpness: mean image-gradient magnitude of the distilled renders over that of the coarse renders, at the M
   held-out views, same cameras and size (ratio > 1: sharper);
 - consistency: PSNR of the distilled renders against the M held-out super-resolved views, which the fit never saw
-  (beside it, the coarse renders' PSNR against the same views);
+  (beside it, the coarse renders' PSNR against the same views), and against the mean of ``--sr-samples`` other
+  seeds' super-resolved views there (the model's expected view); beside them, one seed's view against another's,
+  the agreement of two samples of the super-resolution model itself;
 - geometry kept: Chamfer distance (mean, not squared) between the coarse and the distilled surfaces, over the object's
   size (bounding-box diagonal);
 - geometry metrics: COV / MMD / 1-NNA (geometry-only Chamfer, ``holofusion.evaluate``) of the coarse surfaces and of
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from holofusion.distill import ExplicitField, distill, initial_grid, start_grid, psnr, sharpness
+from holofusion.distill import ExplicitField, distill, psnr, sharpness, start_grid
 from holofusion.evaluate import (ColouredPoints, SurfaceConfig, chamfer_matrix, generative_metrics, reference_points,
                                  surface_points)
 from holofusion.pipeline import PRESETS, HoloFusionPipeline
@@ -52,6 +54,7 @@ def main() -> None:
     ap.add_argument("--picture", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sr-samples", type=int, default=4, help="other seeds' super-resolved views per held-out view")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pipe = HoloFusionPipeline.from_pretrained(args.model)
@@ -67,7 +70,10 @@ def main() -> None:
         coarse = pipe.coarse(seed, args.category, pre.coarse_steps, None)
         cams, cond = pipe.conditions(coarse, pre)
         views = pipe.super_resolve(cond, seed, pre.sr_steps, None)
-        fit_idx, held_idx = list(range(k)), list(range(k, k + m))
+        # Held-out views interleaved along the spiral (every (K+M)/M-th), not its last M, which would all sit at
+        # the top of the band where no fitted view is near.
+        held_idx = [int((j + 0.5) * (k + m) / m) for j in range(m)]
+        fit_idx = [j for j in range(k + m) if j not in held_idx]
         fit_cond = _subset(cond, fit_idx)
 
         def resample(renders, strength, round_):
@@ -75,12 +81,23 @@ def main() -> None:
                                       round_=round_)
 
         init = start_grid(coarse, pipe.hd.decoder, pre.distill)
-        res = distill(init, views[fit_idx], cams[fit_idx], pre.distill, torch.Generator().manual_seed(seed), resample)
+        def sync(renders, strength, steps, hook):
+            return pipe.super_resolve(fit_cond, seed, steps, None, init=renders, strength=strength, round_=500,
+                                      x0_hook=hook)
+
+        res = distill(init, views[fit_idx], cams[fit_idx], pre.distill, torch.Generator().manual_seed(seed), resample,
+                      sync=sync)
         with torch.no_grad():
             held = cams[held_idx]
             c_img = render_grid(coarse, pipe.hd.decoder, held, look).rgb.permute(0, 3, 1, 2).clamp(0, 1)
             d_img = render_grid(res.grid, ExplicitField(), held, look).rgb.permute(0, 3, 1, 2).clamp(0, 1)
         target = views[held_idx]
+        # The super-resolution model's own spread: other seeds' views at the held-out cameras. Their mean estimates
+        # what a view-consistent object should agree with; one seed against another is the agreement of two samples.
+        held_cond = _subset(cond, held_idx)
+        others = torch.stack([pipe.sr.sample(held_cond, [seed * 7919 + r * 101 + j for j in range(m)],
+                                             steps=pre.sr_steps) for r in range(args.sr_samples)])
+        sr_mean = others.mean(0)
         gen = [torch.Generator().manual_seed(seed)]
         cs = surface_points(coarse, pipe.hd.decoder, "softplus", scfg, gen)
         ds = surface_points(res.grid, ExplicitField(), "softplus", scfg, [torch.Generator().manual_seed(seed)])
@@ -95,7 +112,9 @@ def main() -> None:
             cham, size = math.inf, 1.0
         rows.append({"seed": seed, "sharpness_coarse": sharpness(c_img), "sharpness_distilled": sharpness(d_img),
                      "psnr_distilled_vs_held_out_sr": psnr(d_img, target), "psnr_coarse_vs_held_out_sr":
-                     psnr(c_img, target), "chamfer_over_size": cham / size, "distill_iterations": res.iterations})
+                     psnr(c_img, target), "psnr_distilled_vs_sr_mean": psnr(d_img, sr_mean),
+                     "psnr_coarse_vs_sr_mean": psnr(c_img, sr_mean), "psnr_sr_seed_vs_seed": psnr(others[0], target),
+                     "chamfer_over_size": cham / size, "distill_iterations": res.iterations})
         print(json.dumps(rows[-1]))
         if len(tiles) < 4:
             tiles.append(torch.stack([c_img[0], target[0], d_img[0]]).permute(0, 2, 3, 1).cpu())

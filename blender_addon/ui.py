@@ -35,7 +35,8 @@ class HOLOFUSION_PT_main(_Panel, bpy.types.Panel):
         if session.status.message:
             layout.label(text=session.status.message, icon="ERROR")
         col = layout.column()
-        col.enabled = session.state == "connected"
+        # Usable when connected, or when Generate may connect first (the "Connect on Generate" preference).
+        col.enabled = session.state == "connected" or bpy.ops.holofusion.generate.poll()
         col.prop(s, "model")
         col.prop(s, "category")
         row = col.row(align=True)

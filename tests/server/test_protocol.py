@@ -36,6 +36,49 @@ def test_round_trip_with_array_buffers():
     assert shape == [2, 3] and list(values) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 
 
+def _reference_signature(key: str, frames: list[bytes]) -> bytes:
+    """The signature as docs/PROTOCOL.md writes it out, independently of protocol.py."""
+    import hashlib
+    import hmac
+
+    def digest(frame: bytes, chunk: int = 1 << 19) -> bytes:
+        if len(frame) <= chunk:
+            return hashlib.sha256(frame).digest()
+        return hashlib.sha256(b"".join(hashlib.sha256(frame[i:i + chunk]).digest()
+                                       for i in range(0, len(frame), chunk))).digest()
+
+    mac = hmac.new(key.encode(), digestmod=hashlib.sha256)
+    for f in frames:
+        mac.update(struct.pack(">Q", len(f)) + digest(f))
+    return mac.hexdigest().encode("ascii")
+
+
+def test_large_buffers_are_signed_in_chunks_as_the_specification_says():
+    signer = Signer(KEY)
+    big = bytes(range(256)) * (3 * 4096 + 7)  # 3 MiB + 1792 bytes: six full 512 KiB pieces and a short one
+    count = len(big) // 12
+    desc, raw = pack_array("faces", big[:12 * count], "uint32", [count, 3])
+    assert len(raw) > 6 * (1 << 19)
+    msg = Message("result", {"job_id": "j", "index": 0, "seed": 3, "metadata": {}, "buffers": [desc]}, [raw])
+    frames = encode(msg, signer, "s", 1)
+    assert frames[1] == _reference_signature(KEY, frames[2:])
+    small = encode(Message("ping"), signer, "s", 2)
+    assert small[1] == _reference_signature(KEY, small[2:])
+    decode(frames, signer)
+    for at in (5, (1 << 19) + 11, len(raw) - 1):  # a flipped bit in the first, a middle and the last piece
+        bad = list(frames)
+        b = bytearray(bad[4])
+        b[at] ^= 1
+        bad[4] = bytes(b)
+        with pytest.raises(ProtocolError) as e:
+            decode(bad, signer)
+        assert e.value.code == "bad_signature"
+    # Moving bytes from one frame to the next (same concatenation) breaks it too.
+    moved = list(frames[:4]) + [frames[4][:-4]] + [frames[4][-4:]]
+    with pytest.raises(ProtocolError):
+        decode(moved, signer)
+
+
 def test_every_frame_is_signed():
     signer = Signer(KEY)
     desc, raw = pack_array("faces", struct.pack("<3I", 0, 1, 2), "uint32", [1, 3])
@@ -75,13 +118,13 @@ def test_wrong_version_is_refused():
     signer = Signer(KEY)
     frames = encode(Message("ping"), signer, "c", 1)
     header = json.loads(frames[2])
-    header["version"] = "2.0"
+    header["version"] = "3.0"
     body = [json.dumps(header).encode(), frames[3]]
     with pytest.raises(ProtocolError) as e:
         decode([DELIMITER, signer.sign(body)] + body, signer)
     assert e.value.code == "version"
     with pytest.raises(ProtocolError) as e:
-        decode([b"<HOLOFUSION|2>"] + frames[1:], signer)
+        decode([b"<HOLOFUSION|1>"] + frames[1:], signer)
     assert e.value.code == "version"
 
 
@@ -163,7 +206,7 @@ def test_mutated_valid_frames_decode_or_raise_a_protocol_error(data):
 def test_signed_but_arbitrary_json_is_refused_cleanly(value):
     """A peer with the key can still send nonsense: it must be refused, never crash the decoder."""
     signer = Signer(KEY)
-    body = [json.dumps({"msg_id": "a", "msg_type": "generate", "version": "1.0", "client_id": "c", "seq": 1,
+    body = [json.dumps({"msg_id": "a", "msg_type": "generate", "version": "2.0", "client_id": "c", "seq": 1,
                         "time": time.time()}).encode(), json.dumps(value).encode()]
     try:
         decode([DELIMITER, signer.sign(body)] + body, signer)

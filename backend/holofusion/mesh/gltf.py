@@ -101,18 +101,18 @@ def write_glb(path: str | os.PathLike, data: bytes) -> Path:
 
 def read_glb(data: bytes) -> dict[str, Any]:
     """Parses a .glb written by ``glb_bytes`` (or any single-buffer GLB): {"json", "positions", "normals", "uvs",
-    "faces", "png"} (missing parts None). For tests and round trips."""
+    "faces", "png"} (missing parts None). The arrays are read-only views into ``data`` (no copy)."""
     magic, version, length = struct.unpack_from("<III", data, 0)
     if magic != _GLB_MAGIC or version != 2 or length != len(data):
         raise ValueError("not a glTF 2.0 binary file (bad header)")
     jlen, jtype = struct.unpack_from("<II", data, 12)
     doc = json.loads(data[20:20 + jlen])
     blen, btype = struct.unpack_from("<II", data, 20 + jlen)
-    body = data[28 + jlen:28 + jlen + blen]
+    body = memoryview(data)[28 + jlen:28 + jlen + blen]  # views, not copies: the arrays are read in place
     if jtype != _JSON or btype != _BIN:
         raise ValueError("not a glTF 2.0 binary file (bad chunks)")
 
-    def view(i: int) -> bytes:
+    def view(i: int) -> memoryview:
         v = doc["bufferViews"][i]
         return body[v.get("byteOffset", 0):v.get("byteOffset", 0) + v["byteLength"]]
 
@@ -129,5 +129,5 @@ def read_glb(data: bytes) -> dict[str, Any]:
     out["uvs"] = accessor(att["TEXCOORD_0"], np.float32, 2) if "TEXCOORD_0" in att else None
     out["faces"] = accessor(prim["indices"], np.uint32, 1).reshape(-1, 3)
     images = doc.get("images") or []
-    out["png"] = view(images[0]["bufferView"]) if images else None
+    out["png"] = bytes(view(images[0]["bufferView"])) if images else None
     return out

@@ -33,8 +33,8 @@ import zmq
 
 from .. import DEFAULT_MODEL, __version__
 from ..errors import UserError
-from .protocol import (CLIENT_REQUESTS, PROTOCOL_VERSION, WORKER_REPORTS, Limits, Message, ProtocolError,
-                       ReplayGuard, Signer, decode, encode, error_message, new_key, pack_array)
+from .protocol import (CLIENT_REQUESTS, PROTOCOL_VERSION, SIGNATURE_SCHEME, WORKER_REPORTS, Limits, Message,
+                       ProtocolError, ReplayGuard, Signer, decode, encode, error_message, new_key, pack_array)
 from .store import ResultStore
 from .worker import HEARTBEAT_S, WORKER_MESSAGE_BYTES, memory, resolve_device
 
@@ -160,7 +160,7 @@ class Server:
         self.wsock, self.worker_port = self._bind(config.worker_port, WORKER_MESSAGE_BYTES)
         self.connection_file = Path(config.connection_file) if config.connection_file else default_connection_file()
         info = {"transport": "tcp", "ip": self._advertised_ip(), "port": self.port, "worker_port": self.worker_port,
-                "key": self.key, "signature_scheme": "hmac-sha256", "protocol_version": PROTOCOL_VERSION,
+                "key": self.key, "signature_scheme": SIGNATURE_SCHEME, "protocol_version": PROTOCOL_VERSION,
                 "pid": os.getpid()}
         if self.curve_public is not None:
             info["curve_serverkey"] = self.curve_public.decode("ascii")
