@@ -5,8 +5,9 @@ single grid fitted to all of them is consistent from every side by construction.
 network: R^3 cells of (raw density, colour logits), rendered by the same ray marcher as the coarse grids through
 ``ExplicitField`` (trilinear interpolation of the raw values, then softplus and sigmoid, as in DVGO / Plenoxels).
 
-- **Initialisation**: the coarse model's decoded density and albedo at the R^3 cell centres, so the fit starts from
-  the coarse object and only has to add detail.
+- **Initialisation**: the coarse model's decoded density and albedo at the R^3 cell centres of the cube around the
+  object (``object_box``: about half the coarse box, so the cells are half as large), so the fit starts from the
+  coarse object and only has to add detail.
 - **Loss**: random square patches of the views. Each rendered patch is compared with its target at every shift of
   up to ``shift_tolerance`` pixels and the best shift counts, so a target a pixel off from the others does not
   blur the grid; a small total-variation term keeps empty space clean.
@@ -14,7 +15,14 @@ network: R^3 cells of (raw density, colour logits), rendered by the same ray mar
   over the fit, and let the super-resolution model denoise it, conditioned on the view's coarse render (SDEdit,
   Meng et al. 2022). The new targets keep what the grid agrees on and redraw the rest, so the views are pulled
   toward one object instead of being averaged.
+- **Synchronised phase** (``sync_steps``): all K views denoised together from their renders, the grid fitted to the
+  denoised estimates after every sampler step and its renders put in their place, so that detail is added to one
+  object rather than to K.
 - **Stopping**: after the last re-sampling, when the loss (mean over a window) stops falling by ``tolerance``.
+
+On the shipped apple models none of the re-sampling variants beat plain fitting on views held out of the fit, so
+the presets fit without them (see the README's figures); the variants stay, measured and tested, for models whose
+super-resolved views agree better.
 """
 
 from __future__ import annotations
