@@ -56,7 +56,7 @@ def test_initial_grid_reproduces_the_coarse_fields(pipe):
         want = pipe.hd.decoder(coarse.sample(pts)[0])
         got = ExplicitField()(init.sample(pts)[0])
     torch.testing.assert_close(got.density_raw, want.density_raw, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(got.rgb, pipe.hd.decoder.albedo(coarse.sample(pts)[0]).clamp(1e-3, 1 - 1e-3),
+    torch.testing.assert_close(got.rgb, pipe.hd.decoder.mean_colour(coarse.sample(pts)[0]).clamp(1e-3, 1 - 1e-3),
                                atol=1e-4, rtol=1e-4)
 
 

@@ -194,7 +194,8 @@ def initial_grid(coarse: VoxelGrid, decoder: nn.Module, resolution: int, chunk: 
         feats = coarse.sample(pts[start:start + chunk][None])[0]
         out = decoder(feats)
         raws.append(out.density_raw)
-        cols.append(decoder.albedo(feats))
+        # The colour the coarse renders show (the views to fit are renders), not the baker's albedo.
+        cols.append(decoder.mean_colour(feats) if hasattr(decoder, "mean_colour") else decoder.albedo(feats))
     raw = torch.cat(raws).view(1, 1, resolution, resolution, resolution)
     rgb = torch.cat(cols).T.reshape(1, 3, resolution, resolution, resolution)
     return VoxelGrid(torch.cat([raw, _logit(rgb)], 1).float(), box_min, box_max)

@@ -32,13 +32,23 @@ def test_output_shapes_and_ranges() -> None:
     assert no_feats.features.shape == (5, 7, 0)
 
 
-def test_albedo_is_the_colour_averaged_over_directions() -> None:
+def test_albedo_drops_the_view_residual() -> None:
+    gen = torch.Generator().manual_seed(2)
+    feats = torch.randn(40, 6, generator=gen)
+    dec = Decoder(small_config())
+    torch.testing.assert_close(dec.albedo(feats), dec(feats, None).rgb)
+    rgb1, rgb2 = dec(feats, unit_dirs(gen, 40)).rgb, dec(feats, unit_dirs(gen, 40)).rgb
+    assert not torch.allclose(rgb1, rgb2)
+    assert (rgb1 - dec.albedo(feats)).abs().max() < 0.1  # a small residual at init
+
+
+def test_mean_colour_is_the_colour_averaged_over_directions() -> None:
     gen = torch.Generator().manual_seed(2)
     feats = torch.randn(40, 6, generator=gen)
     dec = Decoder(small_config())
     with torch.no_grad():  # a view branch whose residual has a mean of its own, as trained decoders' do
         dec.view_out.bias.fill_(0.8)
-    a = dec.albedo(feats)
+    a = dec.mean_colour(feats)
     dirs = sphere_directions(ALBEDO_DIRECTIONS)
     mean = torch.stack([dec(feats, d.expand(40, 3)).rgb for d in dirs]).mean(0)
     torch.testing.assert_close(a, mean, atol=1e-6, rtol=1e-5)
@@ -50,7 +60,7 @@ def test_albedo_is_the_colour_averaged_over_directions() -> None:
     # With no harmonics the colour is the albedo whatever the direction.
     flat = Decoder(small_config(n_harmonics_dir=0))
     torch.testing.assert_close(flat(feats, unit_dirs(gen, 40)).rgb, flat.albedo(feats))
-    torch.testing.assert_close(flat(feats, None).rgb, flat.albedo(feats))
+    torch.testing.assert_close(flat.mean_colour(feats), flat.albedo(feats))
 
 
 def test_sphere_directions_are_unit_and_spread() -> None:
