@@ -293,12 +293,16 @@ class Server:
         for identity in list(self.workers):
             self._to_worker(identity, Message("shutdown"))
         for slot in self.local:
+            # A registered worker exits within a second of "shutdown"; one still starting up (importing torch,
+            # loading its model) never heard it, so it is terminated rather than waited for.
             proc = slot["proc"]
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            for wait_s, then in ((2, proc.terminate), (5, proc.kill), (5, None)):
+                try:
+                    proc.wait(wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    if then is not None:
+                        then()
         self.sock.close(0)
         self.wsock.close(0)
         try:
