@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from holofusion.distill import ExplicitField, distill, psnr, sharpness, start_grid
+from holofusion.distill import ExplicitField, psnr, sharpness
 from holofusion.evaluate import (ColouredPoints, SurfaceConfig, chamfer_matrix, generative_metrics, reference_points,
                                  surface_points)
 from holofusion.pipeline import PRESETS, HoloFusionPipeline
@@ -76,21 +76,12 @@ def main() -> None:
         fit_idx = [j for j in range(k + m) if j not in held_idx]
         fit_cond = _subset(cond, fit_idx)
 
-        def resample(renders, strength, round_):
-            return pipe.super_resolve(fit_cond, seed, pre.sr_steps, None, init=renders, strength=strength,
-                                      round_=round_)
-
-        init = start_grid(coarse, pipe.hd.decoder, pre.distill)
-        def sync(renders, strength, steps, hook):
-            return pipe.super_resolve(fit_cond, seed, steps, None, init=renders, strength=strength, round_=500,
-                                      x0_hook=hook)
-
-        res = distill(init, views[fit_idx], cams[fit_idx], pre.distill, torch.Generator().manual_seed(seed), resample,
-                      sync=sync)
+        # The pipeline's own distillation stage, on the fitted views only.
+        grid, iterations = pipe.distill(coarse, views[fit_idx], cams[fit_idx], fit_cond, seed, pre, None)
         with torch.no_grad():
             held = cams[held_idx]
             c_img = render_grid(coarse, pipe.hd.decoder, held, look).rgb.permute(0, 3, 1, 2).clamp(0, 1)
-            d_img = render_grid(res.grid, ExplicitField(), held, look).rgb.permute(0, 3, 1, 2).clamp(0, 1)
+            d_img = render_grid(grid, ExplicitField(), held, look).rgb.permute(0, 3, 1, 2).clamp(0, 1)
         target = views[held_idx]
         # The super-resolution model's own spread: other seeds' views at the held-out cameras. Their mean estimates
         # what a view-consistent object should agree with; one seed against another is the agreement of two samples.
@@ -100,7 +91,7 @@ def main() -> None:
         sr_mean = others.mean(0)
         gen = [torch.Generator().manual_seed(seed)]
         cs = surface_points(coarse, pipe.hd.decoder, "softplus", scfg, gen)
-        ds = surface_points(res.grid, ExplicitField(), "softplus", scfg, [torch.Generator().manual_seed(seed)])
+        ds = surface_points(grid, ExplicitField(), "softplus", scfg, [torch.Generator().manual_seed(seed)])
         coarse_sets.append(cs)
         fine_sets.append(ds)
         if not (cs.empty[0] or ds.empty[0]):
@@ -114,7 +105,7 @@ def main() -> None:
                      "psnr_distilled_vs_held_out_sr": psnr(d_img, target), "psnr_coarse_vs_held_out_sr":
                      psnr(c_img, target), "psnr_distilled_vs_sr_mean": psnr(d_img, sr_mean),
                      "psnr_coarse_vs_sr_mean": psnr(c_img, sr_mean), "psnr_sr_seed_vs_seed": psnr(others[0], target),
-                     "chamfer_over_size": cham / size, "distill_iterations": res.iterations})
+                     "chamfer_over_size": cham / size, "distill_iterations": iterations})
         print(json.dumps(rows[-1]))
         if len(tiles) < 4:
             tiles.append(torch.stack([c_img[0], target[0], d_img[0]]).permute(0, 2, 3, 1).cpu())

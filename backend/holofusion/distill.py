@@ -135,6 +135,8 @@ class ExplicitField(nn.Module):
     def albedo(self, features: Tensor) -> Tensor:
         return torch.sigmoid(features[..., 1:4])
 
+    mean_colour = albedo  # view-independent already
+
 
 @dataclass
 class DistillResult:
@@ -195,7 +197,7 @@ def initial_grid(coarse: VoxelGrid, decoder: nn.Module, resolution: int, chunk: 
         out = decoder(feats)
         raws.append(out.density_raw)
         # The colour the coarse renders show (the views to fit are renders), not the baker's albedo.
-        cols.append(decoder.mean_colour(feats) if hasattr(decoder, "mean_colour") else decoder.albedo(feats))
+        cols.append(decoder.mean_colour(feats))
     raw = torch.cat(raws).view(1, 1, resolution, resolution, resolution)
     rgb = torch.cat(cols).T.reshape(1, 3, resolution, resolution, resolution)
     return VoxelGrid(torch.cat([raw, _logit(rgb)], 1).float(), box_min, box_max)

@@ -163,12 +163,15 @@ class Decoder(nn.Module):
         """
         if features.shape[-1] != self.config.n_features_in:
             raise ValueError(f"features must end in C={self.config.n_features_in}, got {tuple(features.shape)}")
-        lead = features.shape[:-1]
+        return self._decode(self._hidden(features), features.shape[:-1], directions)
+
+    def _hidden(self, features: Tensor) -> Tensor:
+        """(..., C) -> (M, hidden) trunk output, M = prod(...)."""
         # 2-D matmuls: F.linear on (R, S, C) returns a view, and an in-place ReLU on a view makes autograd rebuild
         # it element by element in the backward pass.
         first = self.trunk[0]
         h = F.linear(features.reshape(-1, features.shape[-1]), first.weight, first.bias).relu_()
-        return self._decode(self._trunk_rest(h), lead, directions)
+        return self._trunk_rest(h)
 
     def _trunk_rest(self, h: Tensor) -> Tensor:
         for layer in self.trunk[1:]:
@@ -200,8 +203,7 @@ class Decoder(nn.Module):
         if not self.view_dependent:
             return self(features, None).rgb
         lead = features.shape[:-1]
-        first = self.trunk[0]
-        h = self._trunk_rest(F.linear(features.reshape(-1, features.shape[-1]), first.weight, first.bias).relu_())
+        h = self._hidden(features)
         _, albedo_logit, _, view_pre = self.head(h).split(self._split, dim=-1)
         dirs = sphere_directions(ALBEDO_DIRECTIONS, h.device, h.dtype)
         emb = self.view_dir(harmonic_embedding(dirs, self.config.n_harmonics_dir))  # (D, V)

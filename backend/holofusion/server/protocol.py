@@ -93,21 +93,27 @@ def new_key() -> str:
     return os.urandom(32).hex()
 
 
+def _pieces(frame: bytes | memoryview, chunk: int = CHUNK) -> list[memoryview]:
+    """The frame itself, or its ``chunk``-byte pieces (the last may be shorter) when it is longer than ``chunk``."""
+    view = memoryview(frame)
+    return [view] if len(view) <= chunk else [view[i:i + chunk] for i in range(0, len(view), chunk)]
+
+
+def _combine(piece_digests: list[bytes]) -> bytes:
+    return piece_digests[0] if len(piece_digests) == 1 else hashlib.sha256(b"".join(piece_digests)).digest()
+
+
 def frame_digest(frame: bytes | memoryview, chunk: int = CHUNK) -> bytes:
     """SHA-256 of a frame up to ``chunk`` bytes; above that, SHA-256 of the concatenated SHA-256 digests of its
     ``chunk``-byte pieces (the last may be shorter). This is what the signature covers for each frame."""
-    view = memoryview(frame)
-    if len(view) <= chunk:
-        return hashlib.sha256(view).digest()
-    return hashlib.sha256(b"".join(hashlib.sha256(view[i:i + chunk]).digest()
-                                   for i in range(0, len(view), chunk))).digest()
+    return _combine([hashlib.sha256(p).digest() for p in _pieces(frame, chunk)])
 
 
 _POOL = None
 
 
 def _digests(frames: list[bytes]) -> list[bytes]:
-    """frame_digest of each frame; the chunks of large messages are hashed on a small thread pool."""
+    """frame_digest of each frame; the pieces of large messages are hashed on a small thread pool."""
     global _POOL
     if sum(len(f) for f in frames) < 2 * CHUNK:
         return [frame_digest(f) for f in frames]
@@ -116,20 +122,9 @@ def _digests(frames: list[bytes]) -> list[bytes]:
 
         _POOL = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
                                    thread_name_prefix="holofusion-hash")
-    pieces = []  # (frame index, chunk view), in order
-    for i, f in enumerate(frames):
-        view = memoryview(f)
-        if len(view) <= CHUNK:
-            pieces.append((i, view, False))
-        else:
-            pieces.extend((i, view[j:j + CHUNK], True) for j in range(0, len(view), CHUNK))
-    hashed = list(_POOL.map(lambda p: hashlib.sha256(p[1]).digest(), pieces))
-    out: list[list[bytes]] = [[] for _ in frames]
-    chunked = [False] * len(frames)
-    for (i, _, is_chunk), d in zip(pieces, hashed):
-        out[i].append(d)
-        chunked[i] = chunked[i] or is_chunk
-    return [hashlib.sha256(b"".join(ds)).digest() if chunked[i] else ds[0] for i, ds in enumerate(out)]
+    per_frame = [_pieces(f) for f in frames]
+    hashed = iter(_POOL.map(lambda p: hashlib.sha256(p).digest(), [p for ps in per_frame for p in ps]))
+    return [_combine([next(hashed) for _ in ps]) for ps in per_frame]
 
 
 class Signer:
