@@ -4,8 +4,10 @@
 
 1. Ping round trip (median of 500), against a bare ZeroMQ DEALER/ROUTER echo of the same size measured in this run.
 2. Moving one object: a 50,000-face mesh with a 1,024^2 texture, stored in the backend's store, fetched and rebuilt
-   into arrays by the client (`fetch` + `result_mesh`): median of ``--repeats``; target under 20 ms. Baseline: the
-   same bytes over a bare socket with no signing, JSON or validation (so the ratio is what the protocol costs).
+   into arrays by the client (`fetch` + `result_mesh`): median of ``--repeats``, warm (the broker holds the result
+   message ready, as for an object it has just stored) and cold (``--repeats`` other jobs, each read from disk and
+   digested on its first fetch); target under 20 ms. Baseline: the same bytes over a bare socket with no signing,
+   JSON or validation (so the ratio is what the protocol costs).
 3. The generation it is part of: one `draft` object from the shipped model through the same backend, request to
    result, so the transfer is read beside it.
 4. Load: ``--clients`` clients at once submitting ``--jobs`` draft jobs each to a backend with ``--workers`` local
@@ -138,32 +140,40 @@ def main() -> None:
     pos, nrm, uvs, tri = uv_sphere(args.faces)
     png = texture_png(args.texture)
     glb = glb_bytes(pos, nrm, uvs, tri, png, name="bench")
-    job = "ab" * 16
+    # ``repeats`` jobs holding the same object: each is fetched once cold (read from the store's disk files and its
+    # buffers digested, as after a backend restart), then the first again and again (warm: the broker keeps result
+    # messages ready, as for an object it just finished or one fetched before).
     store = ResultStore(b.store)
-    store.save_job(job, {"state": "done", "request": {}, "seeds": [0]})
-    store.save_result(job, 0, glb, png[:100], {"seed": 0, "faces": int(tri.shape[0])})
+    jobs = [f"{i:032x}" for i in range(args.repeats)]
+    for job in jobs:
+        store.save_job(job, {"state": "done", "request": {}, "seeds": [0]})
+        store.save_result(job, 0, glb, png[:100], {"seed": 0, "faces": int(tri.shape[0])})
+
+    def fetch(job: str) -> float:
+        t0 = time.perf_counter()
+        [msg] = c.fetch(job)
+        mesh = result_mesh(msg)
+        dt = time.perf_counter() - t0
+        assert mesh["faces"][1] == [tri.shape[0], 3] and mesh["texture"] == png
+        return dt
+
     with Client(b.conn) as c:
         c.hello()
         for _ in range(50):
             c.ping()
         ping = statistics.median(c.ping() for _ in range(500))
         ping_bare = bare_round_trip([b"x" * 300], 500)
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            [msg] = c.fetch(job)
-            mesh = result_mesh(msg)
-            times.append(time.perf_counter() - t0)
-        assert mesh["faces"][1] == [tri.shape[0], 3] and mesh["texture"] == png
-        move = statistics.median(times)
+        cold = statistics.median(fetch(job) for job in jobs)
+        move = statistics.median(fetch(jobs[0]) for _ in range(args.repeats))
         raw = [pos.tobytes(), nrm.tobytes(), uvs.tobytes(), tri.tobytes(), png]
         move_bare = bare_round_trip(raw, args.repeats)
     b.stop()
     mb = sum(len(x) for x in raw) / 2**20
     print(f"ping round trip: {ping * 1e3:.3f} ms (bare ZeroMQ echo {ping_bare * 1e3:.3f} ms, x{ping / ping_bare:.1f})")
     print(f"one object, {tri.shape[0]} faces + {args.texture}^2 texture ({mb:.1f} MiB): fetch + rebuild "
-          f"{move * 1e3:.1f} ms (target < 20 ms: {'met' if move < 0.020 else 'NOT met'}); bare socket round trip "
-          f"{move_bare * 1e3:.1f} ms (x{move / move_bare:.1f})")
+          f"{move * 1e3:.1f} ms (target < 20 ms: {'met' if move < 0.020 else 'NOT met'}), cold from the store's files "
+          f"{cold * 1e3:.1f} ms ({'met' if cold < 0.020 else 'NOT met'}); bare socket round trip "
+          f"{move_bare * 1e3:.1f} ms (x{move / move_bare:.1f} warm, x{cold / move_bare:.1f} cold)")
 
     # 3-4: generation with the shipped model
     b = Backend(tmp, "--workers", str(args.workers), "--device", "cpu")

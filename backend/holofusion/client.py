@@ -29,7 +29,7 @@ from typing import Any
 import zmq
 
 from .server.protocol import (Limits, Message, ProtocolError, ReplayGuard, Signer, curve_options, decode, encode,
-                              unpack_array)
+                              from_zmq, unpack_array)
 
 __all__ = ["Client", "BackendError", "BackendLost", "result_mesh", "read_connection_file"]
 
@@ -114,7 +114,7 @@ class Client:
     def _recv(self, timeout_s: float) -> Message | None:
         if not self.sock.poll(int(timeout_s * 1000)):
             return None
-        frames = self.sock.recv_multipart()
+        frames = from_zmq(self.sock.recv_multipart(copy=False))
         try:
             return decode(frames, self.signer, self.replay, self.limits)
         except ProtocolError as e:
@@ -228,5 +228,5 @@ def result_mesh(msg: Message) -> dict[str, Any]:
     out: dict[str, Any] = {"metadata": msg.content.get("metadata", {})}
     for name in ("positions", "normals", "uvs", "faces"):
         out[name] = unpack_array(*msg.buffer(name))
-    out["texture"] = msg.buffer("texture")[1]
+    out["texture"] = bytes(msg.buffer("texture")[1])
     return out

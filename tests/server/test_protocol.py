@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from holofusion.server.protocol import (DELIMITER, ERROR_CODES, Limits, Message, ProtocolError, ReplayGuard, Signer,
-                                        decode, encode, pack_array, unpack_array)
+                                        decode, encode, frame_digests, pack_array, unpack_array)
 
 KEY = "k" * 64
 
@@ -77,6 +77,27 @@ def test_large_buffers_are_signed_in_chunks_as_the_specification_says():
     moved = list(frames[:4]) + [frames[4][:-4]] + [frames[4][-4:]]
     with pytest.raises(ProtocolError):
         decode(moved, signer)
+
+
+def test_digests_computed_ahead_and_zero_copy_buffers_sign_and_decode_the_same():
+    """A message sent many times (a stored result) carries its buffers' digests: the signature is the specification's
+    all the same, and a receiver that keeps large frames as memoryviews (ZeroMQ's own memory) decodes them unchanged."""
+    signer = Signer(KEY)
+    big = bytes(range(256)) * 8196  # 2 MiB + 1 KiB: four pieces and a short one, 12-byte rows
+    desc, raw = pack_array("faces", memoryview(big), "uint32", [len(big) // 12, 3])
+    assert isinstance(raw, memoryview) and raw.obj is big  # a view, not a copy
+    msg = Message("result", {"job_id": "j", "index": 0, "seed": 3, "metadata": {}, "buffers": [desc]}, [raw])
+    msg.digests = frame_digests(msg.buffers)
+    frames = encode(msg, signer, "s", 1)
+    assert frames[1] == _reference_signature(KEY, [bytes(f) for f in frames[2:]])
+    received = [bytes(f) for f in frames[:4]] + [memoryview(bytes(frames[4]))]
+    got = decode(received, signer)
+    assert isinstance(got.buffers[0], memoryview) and got.buffers[0] == big
+    # A digest that is not the buffer's gives a signature the receiver refuses: a stale one cannot pass unnoticed.
+    msg.digests = [bytes(32)]
+    with pytest.raises(ProtocolError) as e:
+        decode(encode(msg, signer, "s", 2), signer)
+    assert e.value.code == "bad_signature"
 
 
 def test_every_frame_is_signed():

@@ -99,14 +99,14 @@ def write_glb(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def read_glb(data: bytes) -> dict[str, Any]:
+def read_glb(data: bytes | memoryview) -> dict[str, Any]:
     """Parses a .glb written by ``glb_bytes`` (or any single-buffer GLB): {"json", "positions", "normals", "uvs",
     "faces", "png"} (missing parts None). The arrays are read-only views into ``data`` (no copy)."""
     magic, version, length = struct.unpack_from("<III", data, 0)
     if magic != _GLB_MAGIC or version != 2 or length != len(data):
         raise ValueError("not a glTF 2.0 binary file (bad header)")
     jlen, jtype = struct.unpack_from("<II", data, 12)
-    doc = json.loads(data[20:20 + jlen])
+    doc = json.loads(bytes(data[20:20 + jlen]))
     blen, btype = struct.unpack_from("<II", data, 20 + jlen)
     body = memoryview(data)[28 + jlen:28 + jlen + blen]  # views, not copies: the arrays are read in place
     if jtype != _JSON or btype != _BIN:

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,13 @@ import zmq
 from .. import DEFAULT_MODEL, __version__
 from ..errors import UserError
 from .protocol import (CLIENT_REQUESTS, PROTOCOL_VERSION, SIGNATURE_SCHEME, WORKER_REPORTS, Limits, Message,
-                       ProtocolError, ReplayGuard, Signer, decode, encode, error_message, new_key, pack_array)
+                       ProtocolError, ReplayGuard, Signer, decode, encode, error_message, frame_digests, from_zmq,
+                       new_key, pack_array)
 from .store import ResultStore
 from .worker import HEARTBEAT_S, WORKER_MESSAGE_BYTES, memory, resolve_device
+
+RESULT_CACHE_BYTES = 128 << 20
+"""At most this many bytes of result messages are kept ready to send again (about 40 objects of 50k faces)."""
 
 __all__ = ["Server", "ServeConfig", "default_connection_file", "write_connection_file", "result_message"]
 
@@ -174,6 +179,9 @@ class Server:
         self.local: list[dict[str, Any]] = []  # {"device", "proc", "restarts"}
         self._stop = False
         self._last_beat = 0.0
+        # Result messages ready to send again (a fetch after a reconnect, History in the add-on): built and their
+        # buffers digested once, so a repeat costs only the small header and content (least recently used first out).
+        self._results: collections.OrderedDict[tuple[str, int], Message] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ setup
     def _bind(self, port: int, max_bytes: int) -> tuple[zmq.Socket, int]:
@@ -258,10 +266,14 @@ class Server:
             if sock in ready:
                 for _ in range(256):  # drain what is there, but let the other socket have its turn
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                        frames = from_zmq(sock.recv_multipart(zmq.NOBLOCK, copy=False))
                     except zmq.Again:
                         break
-                    handler(frames)
+                    try:
+                        handler(frames)
+                    except Exception:  # a bug in one message's handling must not take the backend down
+                        print("holofusion: error while handling a message (the backend keeps serving):\n"
+                              f"{traceback.format_exc()}", flush=True)
         now = time.monotonic()
         if now - self._last_beat >= HEARTBEAT_S:
             self._last_beat = now
@@ -316,7 +328,7 @@ class Server:
         self.seq += 1
         try:
             frames = encode(msg, self.signer, "server", self.seq, job_id=job_id, reply_to=reply_to)
-            sock.send_multipart([identity] + frames, zmq.NOBLOCK)
+            sock.send_multipart([identity] + frames, zmq.NOBLOCK, copy=not msg.buffers)  # zero-copy for arrays
         except (zmq.ZMQError, zmq.Again):
             pass  # the peer is gone (or not reading); results are in the store for a later fetch
 
@@ -441,10 +453,27 @@ class Server:
         record = self.store.job(job_id)
         if record is None:
             raise ProtocolError("unknown_job", f"no job {job_id!r} in this backend's store")
-        stored = self.store.results(job_id)
-        for index, meta, glb, preview in stored:
-            self._reply(identity, result_message(job_id, index, meta, glb, preview), msg, job_id)
-        self._reply(identity, Message("done", {"job_id": job_id, "results": len(stored)}), msg, job_id)
+        indices = self.store.indices(job_id)
+        for index in indices:
+            result = self._results.get((job_id, index))
+            if result is None:
+                meta, glb, preview = self.store.result(job_id, index)
+                result = self._remember(job_id, index, result_message(job_id, index, meta, glb, preview))
+            else:
+                self._results.move_to_end((job_id, index))
+            self._reply(identity, result, msg, job_id)
+        self._reply(identity, Message("done", {"job_id": job_id, "results": len(indices)}), msg, job_id)
+
+    def _remember(self, job_id: str, index: int, result: Message) -> Message:
+        """Keeps a result message (its buffer digests computed now) for sending again; drops the least recently
+        used beyond RESULT_CACHE_BYTES."""
+        result.digests = frame_digests(result.buffers)
+        self._results[(job_id, index)] = result
+        total = sum(len(b) for m in self._results.values() for b in m.buffers)
+        while total > RESULT_CACHE_BYTES and len(self._results) > 1:
+            _, old = self._results.popitem(last=False)
+            total -= sum(len(b) for b in old.buffers)
+        return result
 
     def _finish(self, job: Job, state: str, error: str | None = None) -> None:
         job.state = state
@@ -554,7 +583,8 @@ class Server:
                 return
             self.store.save_result(job.job_id, index, glb, preview, c["metadata"])
             job.done.add(index)
-            self._to_client(job, result_message(job.job_id, index, c["metadata"], glb, preview))
+            self._to_client(job, self._remember(job.job_id, index,
+                                                result_message(job.job_id, index, c["metadata"], glb, preview)))
         elif t in ("done", "cancelled", "error"):
             if t == "done":
                 self._finish(job, "done")
@@ -585,10 +615,10 @@ def result_message(job_id: str, index: int, metadata: dict[str, Any], glb: bytes
         descs.append(d)
         bufs.append(b)
     descs.append({"name": "texture", "kind": "png", "dtype": "uint8", "shape": [len(data["png"])]})
-    bufs.append(bytes(data["png"]))
+    bufs.append(data["png"])
     if preview:
         descs.append({"name": "preview", "kind": "png", "dtype": "uint8", "shape": [len(preview)]})
-        bufs.append(bytes(preview))
+        bufs.append(preview)
     return Message("result", {"job_id": job_id, "index": index, "seed": int(metadata["seed"]), "metadata": metadata,
                               "buffers": descs}, bufs)
 

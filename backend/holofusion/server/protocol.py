@@ -40,7 +40,8 @@ from typing import Any
 
 __all__ = ["PROTOCOL_VERSION", "DELIMITER", "Message", "ProtocolError", "Signer", "ReplayGuard", "encode", "decode",
            "SCHEMAS", "ERROR_CODES", "Limits", "CLIENT_REQUESTS", "WORKER_REPORTS", "BROKER_ORDERS", "pack_array",
-           "unpack_array", "new_key", "curve_options", "frame_digest", "SIGNATURE_SCHEME"]
+           "unpack_array", "new_key", "curve_options", "frame_digest", "frame_digests",
+           "from_zmq", "SIGNATURE_SCHEME"]
 
 PROTOCOL_VERSION = "2.0"
 DELIMITER = b"<HOLOFUSION|2>"
@@ -112,19 +113,36 @@ def frame_digest(frame: bytes | memoryview, chunk: int = CHUNK) -> bytes:
 _POOL = None
 
 
-def _digests(frames: list[bytes]) -> list[bytes]:
-    """frame_digest of each frame; the pieces of large messages are hashed on a small thread pool."""
+def _digests(frames: Sequence[bytes | memoryview], known: Sequence[bytes | None] | None = None) -> list[bytes]:
+    """frame_digest of each frame, except where ``known`` already holds it (the digest of that very frame, computed
+    earlier by ``frame_digests``); the pieces of large messages are hashed on a small thread pool."""
     global _POOL
-    if sum(len(f) for f in frames) < 2 * CHUNK:
-        return [frame_digest(f) for f in frames]
+    known = list(known) if known is not None else [None] * len(frames)
+    todo = [i for i, d in enumerate(known) if d is None]
+    if sum(len(frames[i]) for i in todo) < 2 * CHUNK:
+        return [d if d is not None else frame_digest(f) for f, d in zip(frames, known)]
     if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
 
         _POOL = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
                                    thread_name_prefix="holofusion-hash")
-    per_frame = [_pieces(f) for f in frames]
-    hashed = iter(_POOL.map(lambda p: hashlib.sha256(p).digest(), [p for ps in per_frame for p in ps]))
-    return [_combine([next(hashed) for _ in ps]) for ps in per_frame]
+    per_frame = {i: _pieces(frames[i]) for i in todo}
+    hashed = iter(_POOL.map(lambda p: hashlib.sha256(p).digest(), [p for ps in per_frame.values() for p in ps]))
+    for i, ps in per_frame.items():
+        known[i] = _combine([next(hashed) for _ in ps])
+    return known  # type: ignore[return-value]
+
+
+def frame_digests(buffers: Sequence[bytes | memoryview]) -> list[bytes]:
+    """The digests the signature takes of each of ``buffers``: computed once for a message that is sent many times
+    (a stored result fetched again), so that only its small header and content are hashed per send."""
+    return _digests(buffers)
+
+
+def from_zmq(frames: Sequence[Any]) -> list[bytes | memoryview]:
+    """Frames received with ``recv_multipart(copy=False)`` as ``decode`` takes them: small ones as bytes, large ones
+    as zero-copy memoryviews over ZeroMQ's own message (kept alive by the view), so a 3 MB result is not copied."""
+    return [f.buffer if len(f) > 65536 else f.bytes for f in frames]
 
 
 class Signer:
@@ -136,9 +154,10 @@ class Signer:
             raise ValueError("the connection key is empty; messages must be signed")
         self._key = key
 
-    def sign(self, frames: list[bytes]) -> bytes:
+    def sign(self, frames: Sequence[bytes | memoryview], known: Sequence[bytes | None] | None = None) -> bytes:
+        """The signature of ``frames``; ``known``: digests already computed for some of them (None elsewhere)."""
         mac = hmac.new(self._key, digestmod=hashlib.sha256)
-        for f, digest in zip(frames, _digests(frames)):
+        for f, digest in zip(frames, _digests(frames, known)):
             mac.update(struct.pack(">Q", len(f)))
             mac.update(digest)
         return mac.hexdigest().encode("ascii")
@@ -274,8 +293,10 @@ class Message:
 
     msg_type: str
     content: dict[str, Any] = field(default_factory=dict)
-    buffers: list[bytes] = field(default_factory=list)
+    buffers: list[bytes | memoryview] = field(default_factory=list)
     header: dict[str, Any] = field(default_factory=dict)
+    digests: list[bytes] | None = field(default=None, repr=False, compare=False)
+    """``frame_digests(buffers)`` when computed ahead (a message sent more than once); the buffers must not change."""
 
     @property
     def msg_id(self) -> str:
@@ -296,11 +317,13 @@ class Message:
 _DTYPES = {"float32": ("f", 4), "uint32": ("I", 4), "int32": ("i", 4), "uint8": ("B", 1)}
 
 
-def pack_array(name: str, data: bytes | memoryview, dtype: str, shape: list[int]) -> tuple[dict[str, Any], bytes]:
-    """A buffer description + bytes for little-endian C-order array data (e.g. ``numpy_array.tobytes()``)."""
+def pack_array(name: str, data: bytes | memoryview, dtype: str,
+               shape: list[int]) -> tuple[dict[str, Any], bytes | memoryview]:
+    """A buffer description + the bytes for little-endian C-order array data (``numpy_array.tobytes()``, or
+    ``numpy_array.data`` of a contiguous array: a view, not a copy)."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-    raw = bytes(data)
+    raw = data if isinstance(data, bytes) else memoryview(data).cast("B")
     n = 1
     for s in shape:
         n *= int(s)
@@ -345,8 +368,10 @@ def encode(msg: Message, signer: Signer, client_id: str, seq: int, job_id: str |
     msg.header = header
     body = [json.dumps(header, separators=(",", ":")).encode(), json.dumps(msg.content, separators=(",", ":"),
                                                                              allow_nan=False).encode()]
-    body += [bytes(b) for b in msg.buffers]
-    return [DELIMITER, signer.sign(body)] + body
+    # Buffers go out as they are (bytes or memoryviews; send them with copy=False): no copy of a 3 MB mesh here.
+    body += [b if isinstance(b, (bytes, memoryview)) else memoryview(b) for b in msg.buffers]
+    known = [None, None] + list(msg.digests) if msg.digests is not None else None
+    return [DELIMITER, signer.sign(body, known)] + body
 
 
 def _json_object(frame: bytes, what: str, limits: Limits) -> dict[str, Any]:
@@ -361,12 +386,14 @@ def _json_object(frame: bytes, what: str, limits: Limits) -> dict[str, Any]:
     return value
 
 
-def decode(frames: list[bytes], signer: Signer, replay: ReplayGuard | None = None,
+def decode(frames: list[bytes | memoryview], signer: Signer, replay: ReplayGuard | None = None,
            limits: Limits = Limits(), now: float | None = None) -> Message:
-    """Checks and decodes frames (routing identities already removed). Raises ``ProtocolError``."""
+    """Checks and decodes frames (routing identities already removed). Raises ``ProtocolError``.
+
+    Buffers that arrive as memoryviews (``from_zmq``) stay memoryviews in the message: no copy."""
     if not isinstance(frames, list) or not all(isinstance(f, (bytes, bytearray, memoryview)) for f in frames):
         raise ProtocolError("malformed", "a message is a list of byte frames")
-    frames = [bytes(f) for f in frames]
+    frames = [f if isinstance(f, memoryview) and i >= 4 else bytes(f) for i, f in enumerate(frames)]
     if len(frames) < 4 or frames[0] != DELIMITER:
         if frames and frames[0].startswith(b"<HOLOFUSION|") and frames[0] != DELIMITER:
             raise ProtocolError("version", f"the peer speaks {frames[0][1:-1].decode('latin-1')!r}; this one speaks "

@@ -59,20 +59,20 @@ class ResultStore:
         _atomic_write(d / f"{index}.json", json.dumps(metadata, indent=1).encode())  # last: marks it complete
         return d / f"{index}.glb"
 
-    def results(self, job_id: str) -> list[tuple[int, dict[str, Any], bytes, bytes | None]]:
-        """(index, metadata, glb bytes, preview png bytes or None) of every stored object of a job, by index."""
+    def indices(self, job_id: str) -> list[int]:
+        """The indices of the stored objects of a job (complete ones only: their metadata file exists), in order."""
         try:
             d = self._dir(job_id)
         except KeyError:
             return []
-        if not d.is_dir():
-            return []
-        out = []
-        for meta in sorted(d.glob("[0-9]*.json"), key=lambda p: int(p.stem)):
-            png = d / f"{meta.stem}.png"
-            out.append((int(meta.stem), json.loads(meta.read_text()), (d / f"{meta.stem}.glb").read_bytes(),
-                        png.read_bytes() if png.is_file() else None))
-        return out
+        return sorted(int(p.stem) for p in d.glob("[0-9]*.json")) if d.is_dir() else []
+
+    def result(self, job_id: str, index: int) -> tuple[dict[str, Any], bytes, bytes | None]:
+        """(metadata, glb bytes, preview png bytes or None) of one stored object."""
+        d = self._dir(job_id)
+        png = d / f"{index}.png"
+        return (json.loads((d / f"{index}.json").read_text()), (d / f"{index}.glb").read_bytes(),
+                png.read_bytes() if png.is_file() else None)
 
     def jobs(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _JOB_ID.match(p.name))

@@ -106,7 +106,7 @@ class Worker:
         job_id = msg.content.get("job_id") if isinstance(msg.content, dict) else None
         try:
             self.sock.send_multipart(encode(msg, self.signer, self.client_id, self.seq, job_id=job_id),
-                                     zmq.NOBLOCK)
+                                     zmq.NOBLOCK, copy=not msg.buffers)  # a finished object's GLB is not copied
         except zmq.Again:
             pass  # the broker is not reading; heartbeats will tell
 
