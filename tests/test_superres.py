@@ -43,6 +43,22 @@ def test_loss_falls(tiny_models, tmp_path):
     assert after < 0.7 * before, f"super-resolution loss did not fall: {before:.4f} -> {after:.4f}"
 
 
+def test_training_on_crops_lowers_the_loss_on_whole_views(tiny_models, tmp_path):
+    """``crop``: each step sees one window per pair; the convolutional U-Net still gets better on whole views."""
+    tr = SuperResTrainer(str(tiny_models["holodiffusion"]), tiny_models["data"], tiny_config(steps=120, crop=8),
+                         tmp_path / "r", progress=False)
+    tr.build_pairs()
+    before = _fixed_loss(tr, tr.model)
+    tr.fit()
+    after = _fixed_loss(tr, tr.model)
+    assert after < 0.7 * before, f"super-resolution loss on whole views did not fall: {before:.4f} -> {after:.4f}"
+    cond = Condition(tr.pairs["rgb"][:2], tr.pairs["alpha"][:2])
+    assert tr.model.sample(cond, seeds=[0, 1], steps=2).shape[-2:] == (16, 16)  # whole views
+    with pytest.raises(UserError, match="crop 7 must be a multiple of 2"):
+        SuperResTrainer(str(tiny_models["holodiffusion"]), tiny_models["data"], tiny_config(crop=7), tmp_path / "b",
+                        progress=False)
+
+
 def test_pairs_are_renders_of_the_holodiffusion_model_against_real_images(tiny_models):
     from holofusion.holodiffusion import load_holodiffusion
 

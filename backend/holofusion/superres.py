@@ -152,11 +152,21 @@ class SuperRes(nn.Module):
         v = self.unet(torch.cat([x_t, up], 1), t).sample
         return self.schedule.x0_from_v(x_t, t, v)
 
-    def loss(self, images: Tensor, cond: Condition, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        """v-prediction MSE for target images (N, 3, H, W) in [0, 1] of the condition's views."""
+    def loss(self, images: Tensor, cond: Condition, generator: torch.Generator,
+             crop: int | None = None) -> tuple[Tensor, dict[str, float]]:
+        """v-prediction MSE for target images (N, 3, H, W) in [0, 1] of the condition's views; with ``crop``, on one
+        random crop x crop window per view (the same window of the target and of the upsampled condition)."""
         up = self.upsampled(cond)
         x0 = self.to_latent(images, up)
         n = x0.shape[0]
+        if crop is not None and crop < x0.shape[-1]:
+            # The U-Net is convolutional: trained on windows, it samples whole views (SR3, Saharia et al. 2022,
+            # trains on patches the same way). A 128 px model then costs a 64 px model's step.
+            h, w = x0.shape[-2:]
+            ys = torch.randint(0, h - crop + 1, (n,), generator=generator).tolist()
+            xs = torch.randint(0, w - crop + 1, (n,), generator=generator).tolist()
+            x0 = torch.stack([x0[i, :, y:y + crop, x:x + crop] for i, (y, x) in enumerate(zip(ys, xs))])
+            up = torch.stack([up[i, :, y:y + crop, x:x + crop] for i, (y, x) in enumerate(zip(ys, xs))])
         t = torch.randint(0, self.schedule.num_steps, (n,), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         x_t = self.schedule.q_sample(x0, t, noise)

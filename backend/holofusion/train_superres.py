@@ -52,6 +52,9 @@ class SuperResTrainConfig(DictConfig):
     steps: int = 6000
     batch: int = 8
     """Pairs per step."""
+    crop: int | None = None
+    """Train on a random crop x crop window of each pair (pixels at high_size; a multiple of the U-Net's
+    downsampling) instead of the whole view; None: whole views. Sampling always makes whole views."""
     lr: float = 2e-4
     warmup_steps: int = 200
     grad_clip: float = 1.0
@@ -117,6 +120,11 @@ class SuperResTrainer(RunLoop):
             self.cfg = SuperResTrainConfig.from_dict(config["train"])
         except (ValueError, TypeError) as e:
             raise UserError(f"bad config: {e}") from None
+        down = 2 ** (len(self.model_config.block_channels) - 1)
+        if self.cfg.crop is not None and not (down <= self.cfg.crop <= self.model_config.high_size and
+                                              self.cfg.crop % down == 0):
+            raise UserError(f"bad config: crop {self.cfg.crop} must be a multiple of {down} (the U-Net's "
+                            f"downsampling) between {down} and high_size {self.model_config.high_size}")
         self.config = {"model": self.model_config.to_dict(), "train": self.cfg.to_dict()}
         self.categories = list(self.hd.config.categories)
         self.data_root = str(data)
@@ -206,7 +214,8 @@ class SuperResTrainer(RunLoop):
         self.opt.zero_grad(set_to_none=True)
         gen = step_generator(cfg.seed, step, 0)
         idx = torch.randint(0, len(self.pairs["rgb"]), (cfg.batch,), generator=gen)
-        loss, stats = self.model.loss(self.pairs["target"][idx].to(self.device), self._condition(idx), gen)
+        loss, stats = self.model.loss(self.pairs["target"][idx].to(self.device), self._condition(idx), gen,
+                                      cfg.crop)
         loss.backward()
         if cfg.grad_clip > 0:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.unet.parameters(), cfg.grad_clip))
