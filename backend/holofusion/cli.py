@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker(sub)
     _add_models(sub)
     _add_demo(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -455,6 +456,45 @@ def _cmd_models(args) -> int:
     from .generate import format_models, list_models
 
     print(format_models(list_models()))
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time and peak memory per stage and preset, on this machine",
+                       description="Generate objects the way `holofusion generate` does and print one table: for "
+                                   "each model and preset, seconds and peak memory of each stage (coarse, superres, "
+                                   "distill, asset) and of the whole object from the request to its .glb on disk "
+                                   "(medians over --repeats seeds), the ratio to the draft preset, and the targets "
+                                   "(draft <= 10 s, standard <= 90 s, 4 GB on a 2-core CPU). Then the paper-scale "
+                                   "configuration with random weights.")
+    p.add_argument("--models", default=None, help="comma-separated model names or folders (default: every shipped "
+                                                  "model)")
+    p.add_argument("--presets", default="draft,standard", help="comma-separated presets (default: draft,standard)")
+    p.add_argument("--repeats", type=_positive_int("--repeats"), default=5,
+                   help="objects per model and preset, seeds 0, 1, ... (default: 5)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--threads", type=_positive_int("--threads"), default=None,
+                   help="torch CPU threads (default: torch's choice, one per core)")
+    p.add_argument("--no-paper", dest="paper", action="store_false",
+                   help="skip the paper-scale configuration with random weights")
+    p.add_argument("--paper-presets", default="draft,standard",
+                   help="presets for the paper-scale configuration (default: draft,standard)")
+    p.add_argument("--paper-repeats", type=_positive_int("--paper-repeats"), default=1,
+                   help="objects per paper-scale preset (default: 1)")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    import torch
+
+    from .bench import format_table, run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    rows = run_bench(split(args.models) if args.models else None, split(args.presets), args.repeats, args.device,
+                     args.paper, split(args.paper_presets), args.paper_repeats)
+    print(format_table(rows, args.device))
     return 0
 
 

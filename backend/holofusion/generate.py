@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,17 +75,21 @@ def preview_strip(output: PipelineOutput, views: int = 4, size: int = 192) -> np
 class _StageBars:
     """The pipeline callback as one tqdm bar per stage."""
 
-    def __init__(self, label: str, enabled: bool):
-        self.label, self.enabled = label, enabled
+    def __init__(self, label: str, enabled: bool, observer: Callable[[str, int, int], None] | None = None):
+        self.label, self.enabled, self.observer = label, enabled, observer
         self.stage: str | None = None
         self.bar: tqdm | None = None
 
     def __call__(self, stage: str, step: int, total: int, preview) -> bool:
+        if self.observer is not None:
+            self.observer(stage, step, total)
         if stage != self.stage:
             self.close()
             self.stage = stage
             self.bar = tqdm(total=total, desc=f"{self.label} {stage}", unit="step", disable=not self.enabled,
                             leave=False)
+        if total != self.bar.total:  # a stage announced before it knew its length
+            self.bar.total = total
         self.bar.update(step - self.bar.n)
         return True
 
@@ -94,8 +99,12 @@ class _StageBars:
             self.bar = None
 
 
-def generate(job: GenerateJob, progress: bool = True) -> list[dict[str, Any]]:
-    """Runs a job; returns one record per object written (paths, seed, faces, seconds per stage)."""
+def generate(job: GenerateJob, progress: bool = True, observer: Callable[[str, int, int], None] | None = None,
+             pipeline: HoloFusionPipeline | None = None) -> list[dict[str, Any]]:
+    """Runs a job; returns one record per object written (paths, seed, faces, seconds per stage, ``glb_s``: from the
+    request to the .glb on disk). ``observer(stage, step, total)`` sees every step of every stage, then "asset" (mesh
+    chain and GLB) and "preview" (``holofusion bench`` times and measures the stages with it). ``pipeline``: one
+    already loaded for ``job.model`` (loaded here otherwise)."""
     if isinstance(job.preset, str) and job.preset not in PRESETS:
         raise UserError(f"--preset {job.preset!r} is unknown; choose from {', '.join(PRESETS)}")
     if job.count < 1:
@@ -107,10 +116,10 @@ def generate(job: GenerateJob, progress: bool = True) -> list[dict[str, Any]]:
         raise UserError(f"bad mesh option: {e}") from None
     seeds = [job.seed + i for i in range(job.count)]
     paths = output_paths(job.out, seeds)
-    pipe = HoloFusionPipeline.from_pretrained(job.model, job.device)
+    pipe = pipeline if pipeline is not None else HoloFusionPipeline.from_pretrained(job.model, job.device)
     records = []
     for seed, path in zip(seeds, paths):
-        bars = _StageBars(f"seed {seed}", progress)
+        bars = _StageBars(f"seed {seed}", progress, observer)
         t0 = time.perf_counter()
         try:
             out = pipe(seed, job.category, job.preset, bars)
@@ -119,7 +128,8 @@ def generate(job: GenerateJob, progress: bool = True) -> list[dict[str, Any]]:
         t_pipe = time.perf_counter() - t0
         grid, field = out.field()
         category = job.category or (pipe.categories[0] if len(pipe.categories) == 1 else None)
-        bars = _StageBars(f"seed {seed}", progress)
+        bars = _StageBars(f"seed {seed}", progress, observer)
+        bars("asset", 0, 0, None)  # the stage starts now, before its first step reports
         try:
             asset = make_asset(grid, field, cfg, category, lambda name, i, n: bars("asset", i, n, None))
         finally:
@@ -128,10 +138,13 @@ def generate(job: GenerateJob, progress: bool = True) -> list[dict[str, Any]]:
         extras = {"holofusion": {"model": pipe.name, "seed": seed, "category": job.category, "preset": preset,
                                  "size_m": round(float(np.ptp(asset.mesh.vertices, 0).max()), 4)}}
         write_glb(path, asset.glb(name=f"{job.category or pipe.name}_{seed}", extras=extras))
+        t_glb = time.perf_counter() - t0
+        if observer is not None:
+            observer("preview", 0, 1)
         preview = path.with_suffix(".png")
         _write_png(preview, preview_strip(out))
         records.append({"path": str(path), "preview": str(preview), "seed": seed, "faces": asset.mesh.n_faces,
-                        "pipeline_s": round(t_pipe, 2), **{f"{k}_s": round(v, 3) for k, v in asset.timings.items()}})
+                        "pipeline_s": round(t_pipe, 2), "glb_s": t_glb, **{f"{k}_s": round(v, 3) for k, v in asset.timings.items()}})
     return records
 
 
