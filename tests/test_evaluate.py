@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 import shutil
 
 import pytest
@@ -234,6 +235,23 @@ def sphere_decoder(rgb=(0.2, 0.5, 0.8)) -> Decoder:
         dec.head.weight[0] = torch.tensor([1.0, -1.0])
         dec.head.bias[1:4] = torch.logit(torch.tensor(rgb))
     return dec
+
+
+def test_floaters_are_left_out_of_the_measured_surface_as_the_mesh_chain_drops_them():
+    dec = sphere_decoder()
+    cfg = SurfaceConfig(lattice=40, points=512, opacity_length=0.5)
+    raw_level = math.log(math.expm1(density_level(cfg.opacity_length)))
+    s, h = 24, 2.0
+    grid = VoxelGrid.zeros(1, 1, s, (-h,) * 3, (h,) * 3)
+    centres = grid.cell_centers().view(s, s, s, 3)
+    body = raw_level + 4.0 * (1.2 - centres.norm(dim=-1))
+    speck = raw_level + 4.0 * (0.2 - (centres - torch.tensor([1.7, 1.7, 1.7])).norm(dim=-1))  # a floater
+    grid.features[0, 0] = torch.maximum(body, speck)
+    gens = lambda: [torch.Generator().manual_seed(0)]  # noqa: E731
+    kept = surface_points(grid, dec, "softplus", replace(cfg, min_component=0.0), gens())
+    clean = surface_points(grid, dec, "softplus", cfg, gens())
+    assert (kept.points[0].norm(dim=-1) > 1.5).any()  # the floater is measured when kept ...
+    assert (clean.points[0].norm(dim=-1) - 1.2).abs().max() < 0.05  # ... and gone by default, the body intact
 
 
 def test_surface_points_of_a_decoded_sphere():

@@ -208,6 +208,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--opacity-length", type=float, default=1.0,
                    help="surface level: where a slab this thick (world units) is half opaque, sigma = ln 2 / length "
                         "(default: 1.0)")
+    p.add_argument("--keep-floaters", action="store_true",
+                   help="measure every surface found, floaters included (default: drop regions under 2 %% of the "
+                        "largest, as the mesh chain does, so the measured surface is the object a user gets)")
     p.add_argument("--colour-weight", type=float, default=None,
                    help="weight of RGB against xyz in the coloured distance (default: chosen so that colour and "
                         "shape differences between the reference objects weigh the same)")
@@ -232,7 +235,8 @@ def _cmd_evaluate(args) -> int:
         raise UserError(f"--colour-weight must be zero or positive; got {args.colour_weight}")
     report, path, sheet = evaluate_model(args.model, args.data, args.category, args.samples, args.steps,
                                          args.sampler, args.points, args.out, args.inception, args.seed, args.batch,
-                                         SurfaceConfig(lattice=args.lattice, opacity_length=args.opacity_length),
+                                         SurfaceConfig(lattice=args.lattice, opacity_length=args.opacity_length,
+                                                       min_component=0.0 if args.keep_floaters else 0.02),
                                          args.colour_weight,
                                          device=args.device)
     print(format_table(report))

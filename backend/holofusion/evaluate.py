@@ -45,10 +45,11 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -111,6 +112,10 @@ class SurfaceConfig:
     """P: points drawn on each surface (PointFlow's 2048)."""
     chunk: int = 65536
     """Lattice vertices decoded at once (bounds memory)."""
+    min_component: float = 0.02
+    """Inside regions (26-connected lattice vertices above the level) smaller than this fraction of the largest one
+    are floaters and are left out, as the mesh chain drops them (``MeshConfig.min_component``), so the surface
+    measured is the object a user gets; 0 keeps everything."""
 
     def __post_init__(self) -> None:
         if int(self.lattice) < 2:
@@ -181,6 +186,24 @@ def density_lattice(grid: VoxelGrid, decoder: Decoder, activation: str = "softpl
     return torch.cat(out, dim=1).view(b, lattice, lattice, lattice)
 
 
+def drop_floaters(sigma: Tensor, level: float, min_fraction: float) -> Tensor:
+    """``sigma`` (L, L, L) with every inside region (26-connected vertices at or above ``level``) smaller than
+    ``min_fraction`` of the largest one set to zero, so no surface is found around it."""
+    from scipy import ndimage
+
+    inside = (sigma >= level).numpy()
+    labels, n = ndimage.label(inside, structure=np.ones((3, 3, 3), dtype=bool))
+    if n < 2:
+        return sigma
+    sizes = np.bincount(labels.ravel())[1:]
+    small = np.flatnonzero(sizes < min_fraction * sizes.max()) + 1
+    if small.size == 0:
+        return sigma
+    out = sigma.clone()
+    out[torch.from_numpy(np.isin(labels, small))] = 0.0
+    return out
+
+
 def level_set_points(sigma: Tensor, box_min: Sequence[float], box_max: Sequence[float], level: float, n: int,
                      generator: torch.Generator | None = None) -> Tensor | None:
     """``n`` points on the level set ``sigma = level`` of a lattice field, about uniform over the surface's area.
@@ -249,6 +272,8 @@ def surface_points(grid: VoxelGrid, decoder: Decoder, activation: str = "softplu
     for i in range(b):
         one = VoxelGrid(grid.features[i:i + 1], grid.box_min, grid.box_max)
         sigma = density_lattice(one, decoder, activation, cfg.lattice, cfg.chunk)[0].cpu()
+        if cfg.min_component > 0:
+            sigma = drop_floaters(sigma, level, cfg.min_component)
         p = level_set_points(sigma, grid.box_min, grid.box_max, level, cfg.points, gens[i])
         if p is None:
             empty[i] = True
@@ -653,7 +678,7 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
     if category is None:
         _check_category_in_data(root, name)
     scfg = surface or SurfaceConfig()
-    scfg = SurfaceConfig(scfg.lattice, scfg.opacity_length, points, scfg.chunk)
+    scfg = replace(scfg, points=points)
     # References are subsampled with their own fixed seeds: every --seed is compared with the same point sets.
     refs, split, note, ref_coloured, ref_names = reference_points(root, name, points)
 
