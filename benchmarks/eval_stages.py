@@ -32,7 +32,7 @@ import torch
 from holofusion.distill import ExplicitField, psnr, sharpness
 from holofusion.evaluate import (ColouredPoints, SurfaceConfig, chamfer_matrix, generative_metrics, reference_points,
                                  surface_points)
-from holofusion.pipeline import PRESETS, HoloFusionPipeline
+from holofusion.pipeline import PRESETS, HoloFusionPipeline, with_distill
 from holofusion.plots import sample_sheet
 from holofusion.render import RenderConfig, render_grid
 from holofusion.superres import Condition
@@ -55,21 +55,29 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sr-samples", type=int, default=4, help="other seeds' super-resolved views per held-out view")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help="override a DistillConfig field of the preset, e.g. --set iterations=300 --set tolerance=0")
+    ap.add_argument("--first-seed", type=int, default=1000)
+    ap.add_argument("--sr-strength", type=float, default=None, help="override the preset's sr_strength")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pipe = HoloFusionPipeline.from_pretrained(args.model)
     category = args.category or pipe.categories[0]
     base = PRESETS[args.preset]
+    if args.set:
+        base = with_distill(base, **{k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)})
+    if args.sr_strength is not None:
+        base = replace(base, sr_strength=args.sr_strength)
     k, m = base.views, args.held_out
     pre = replace(base, views=k + m)
     look = RenderConfig(n_coarse=64, n_fine=32, chunk_rays=4096)
     scfg = SurfaceConfig(lattice=64, points=args.points)
     rows, coarse_sets, fine_sets, tiles = [], [], [], []
     for i in range(args.objects):
-        seed = 1000 + i
+        seed = args.first_seed + i
         coarse = pipe.coarse(seed, args.category, pre.coarse_steps, None)
         cams, cond = pipe.conditions(coarse, pre)
-        views = pipe.super_resolve(cond, seed, pre.sr_steps, None)
+        views = pipe.first_views(cond, seed, pre, None)
         # Held-out views interleaved along the spiral (every (K+M)/M-th), not its last M, which would all sit at
         # the top of the band where no fitted view is near.
         held_idx = [int((j + 0.5) * (k + m) / m) for j in range(m)]
@@ -86,8 +94,10 @@ def main() -> None:
         # The super-resolution model's own spread: other seeds' views at the held-out cameras. Their mean estimates
         # what a view-consistent object should agree with; one seed against another is the agreement of two samples.
         held_cond = _subset(cond, held_idx)
+        init = (pipe.sr.upsampled(held_cond)[:, :3] * 0.5 + 0.5).clamp(0, 1) if pre.sr_strength < 1 else None
         others = torch.stack([pipe.sr.sample(held_cond, [seed * 7919 + r * 101 + j for j in range(m)],
-                                             steps=pre.sr_steps) for r in range(args.sr_samples)])
+                                             steps=pre.sr_steps, init=init, strength=pre.sr_strength)
+                              for r in range(args.sr_samples)])
         sr_mean = others.mean(0)
         gen = [torch.Generator().manual_seed(seed)]
         cs = surface_points(coarse, pipe.hd.decoder, "softplus", scfg, gen)
@@ -110,7 +120,8 @@ def main() -> None:
         if len(tiles) < 4:
             tiles.append(torch.stack([c_img[0], target[0], d_img[0]]).permute(0, 2, 3, 1).cpu())
     refs, split, _, _, _ = reference_points(Path(args.data), category, args.points)
-    summary = {"objects": args.objects, "preset": args.preset, "fit_views": k, "held_out_views": m}
+    summary = {"objects": args.objects, "preset": args.preset, "overrides": args.set, "fit_views": k,
+               "held_out_views": m}
     for key in rows[0]:
         if key != "seed":
             summary[key] = float(np.mean([r[key] for r in rows]))

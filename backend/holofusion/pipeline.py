@@ -64,6 +64,9 @@ class Preset:
     """K, views super-resolved and distilled."""
     sr_steps: int = 10
     """Super-resolution sampler steps per view."""
+    sr_strength: float = 1.0
+    """The views start from the upsampled coarse render noised to this fraction of T (SDEdit) rather than from pure
+    noise (1.0): lower keeps more of the coarse object and leaves the views less to disagree on."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     view_distance: float = 9.0
     """Camera distance of the K views (world units); the framing comes from the object's silhouette."""
@@ -175,7 +178,7 @@ class HoloFusionPipeline:
             return out
         cams, cond = self.conditions(coarse, pre)
         out.cameras = cams
-        out.views = self.super_resolve(cond, seed, pre.sr_steps, callback)
+        out.views = self.first_views(cond, seed, pre, callback)
         out.distilled, out.distill_iterations = self.distill(coarse, out.views, cams, cond, seed, pre, callback)
         return out
 
@@ -214,6 +217,13 @@ class HoloFusionPipeline:
         low = cams.resize((cfg.low_size, cfg.low_size))
         out = self.hd.render(coarse.features, low)
         return cams, Condition.from_render(out.rgb, out.alpha, out.features)
+
+    def first_views(self, cond: Condition, seed: int, pre: Preset, callback: PipelineCallback | None) -> Tensor:
+        """Stage 2 as a preset runs it: from pure noise, or from the noised coarse renders (``sr_strength`` < 1)."""
+        init = None
+        if pre.sr_strength < 1:
+            init = (self.sr.upsampled(cond)[:, :3] * 0.5 + 0.5).clamp(0, 1)
+        return self.super_resolve(cond, seed, pre.sr_steps, callback, init=init, strength=pre.sr_strength)
 
     def super_resolve(self, cond: Condition, seed: int, steps: int, callback: PipelineCallback | None,
                       init: Tensor | None = None, strength: float = 1.0, round_: int = 0,
