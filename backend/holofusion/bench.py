@@ -222,8 +222,11 @@ def run_bench(models: list[str] | None, presets: list[str], repeats: int, device
             folder = paper_scale_models(Path(tmp) / "paper", device)
             work += [(str(folder), p, paper_repeats, "paper (random)") for p in paper_presets]
         try:
-            for model, preset, n, label in tqdm(work, desc="bench", unit="row", disable=not progress):
+            bar = tqdm(work, desc="bench", unit="row", disable=not progress)
+            for model, preset, n, label in bar:
                 rows.append(bench_model(model, preset, n, device, memory, label, job_options))
+                if progress:  # each row as it ends: a long run stopped early keeps what it measured
+                    bar.write(format_table(rows[-1:], device).splitlines()[-1])
         finally:
             memory.close()
     return rows
