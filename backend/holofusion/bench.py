@@ -24,7 +24,7 @@ import torch
 
 from .errors import UserError
 from .generate import GenerateJob, generate
-from .pipeline import MODELS_DIR, PRESETS
+from .pipeline import MODELS_DIR, PRESETS, HoloFusionPipeline
 
 __all__ = ["BenchRow", "PeakMemory", "bench_model", "paper_scale_models", "format_table", "run_bench"]
 
@@ -129,8 +129,6 @@ def bench_model(model: str, preset: str, repeats: int, device: str, memory: Peak
     clock = _StageClock(row, memory)
     with tempfile.TemporaryDirectory() as tmp:
         # One generate call per object, the pipeline loaded once before (a backend keeps it loaded).
-        from .pipeline import HoloFusionPipeline
-
         pipe = HoloFusionPipeline.from_pretrained(model, device)
         for seed in range(repeats):
             job = GenerateJob(model=model, seed=seed, preset=preset, out=str(Path(tmp) / f"{seed}.glb"),
