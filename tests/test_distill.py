@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from holofusion.distill import (DistillConfig, ExplicitField, distill, initial_grid, object_box, patch_loss,
+from holofusion.distill import (DistillConfig, ExplicitField, GridFit, distill, initial_grid, object_box, patch_loss,
                                 sharpness, start_grid, view_cameras)
 from holofusion.errors import UserError
 from holofusion.grid import VoxelGrid
@@ -47,6 +47,21 @@ def test_patch_loss_forgives_shifts_up_to_the_tolerance_only():
     assert bool((patch_loss(render, far, 1) > 1e-3).all())
 
 
+def test_patch_loss_l1_is_the_mean_absolute_error():
+    g = torch.Generator().manual_seed(1)
+    render, target = torch.rand(3, 3, 8, 8, generator=g), torch.rand(3, 3, 8, 8, generator=g)
+    torch.testing.assert_close(patch_loss(render, target, 0, "l1"), (render - target).abs().mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(patch_loss(render, target, 0), ((render - target) ** 2).mean(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("bad, words", [({"colour_resolution": 1}, "colour_resolution"),
+                                        ({"colour_resolution": 128}, "colour_resolution"),
+                                        ({"loss": "huber"}, "loss must be")])
+def test_distill_config_refuses_bad_settings(bad, words):
+    with pytest.raises(ValueError, match=words):
+        DistillConfig(**bad)
+
+
 def test_initial_grid_reproduces_the_coarse_fields(pipe):
     coarse = pipe.coarse(3, None, 5, None)
     init = initial_grid(coarse, pipe.hd.decoder, 24)
@@ -79,9 +94,11 @@ def _render_error(grid: VoxelGrid, cams, views: torch.Tensor) -> float:
     return float((out.rgb.permute(0, 3, 1, 2) - views).abs().mean())
 
 
-def test_distillation_recovers_a_known_object(pipe):
+@pytest.mark.parametrize("changes", [{}, {"colour_resolution": 8}, {"loss": "l1"}],
+                         ids=["one-grid", "coarser-colour-grid", "l1"])
+def test_distillation_recovers_a_known_object(pipe, changes):
     """Consistent targets (renders of a known sphere coloured by position) from the coarse grid's start: the fit
-    must get most of the way there."""
+    must get most of the way there, with colour on its own coarser grid or an L1 loss too."""
     coarse = pipe.coarse(3, None, 5, None)
     init = initial_grid(coarse, pipe.hd.decoder, 16)
     c = init.cell_centers()
@@ -90,11 +107,16 @@ def test_distillation_recovers_a_known_object(pipe):
     cams = view_cameras(8, 9.0, 3.0, 32)
     with torch.no_grad():
         views = render_grid(truth, ExplicitField(), cams, RenderConfig(n_coarse=64, n_fine=32)).rgb.permute(0, 3, 1, 2)
-    cfg = DistillConfig(resolution=16, iterations=100, patches=8, patch_size=8, resample_every=0, tolerance=0.0)
+    cfg = DistillConfig(resolution=16, iterations=100, patches=8, patch_size=8, resample_every=0, tolerance=0.0,
+                        **changes)
     res = distill(init, views, cams, cfg, torch.Generator().manual_seed(0))
     before, after = _render_error(init, cams, views), _render_error(res.grid, cams, views)
     assert after < 0.4 * before, f"{before:.4f} -> {after:.4f}"
     assert res.iterations == 100 and len(res.losses) == 100
+    assert res.grid.features.shape == (1, 4, 16, 16, 16)  # colour handed on at the density's resolution
+    if changes.get("colour_resolution"):  # 8^3 colour cells fitted, 16^3 density cells
+        fit = GridFit(init, cams, cfg, torch.Generator().manual_seed(0))
+        assert fit.colour.shape == (1, 3, 8, 8, 8) and fit.density.shape == (1, 1, 16, 16, 16)
 
 
 def test_distilled_renders_match_the_super_resolved_views_better_than_the_coarse_start(pipe):

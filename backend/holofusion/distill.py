@@ -75,6 +75,13 @@ class DistillConfig(DictConfig):
     """Side of a patch in target pixels."""
     shift_tolerance: int = 1
     """Largest misalignment in pixels the loss forgives (0: plain per-pixel loss)."""
+    colour_resolution: int | None = None
+    """Colour is fitted on its own Rc^3 grid over the same cube, upsampled (trilinear) to R^3 for rendering; None:
+    R, one grid. Fewer colour cells than there are target pixels that see them keep the fit from turning the
+    views' disagreement into per-cell speckle, while density keeps the fine grid for silhouettes."""
+    loss: str = "l2"
+    """Per-pixel error of the patch loss: "l2" (the views' mean) or "l1" (their median: where independently
+    super-resolved views disagree, a detail one view drew does not smear into the others)."""
     tv_weight: float = 1e-4
     """Weight of the total-variation term on density."""
     tv_colour_weight: float | None = None
@@ -112,6 +119,11 @@ class DistillConfig(DictConfig):
                              f"{self.sync_strength}, {self.sync_steps}, {self.sync_iterations}")
         if self.resolution < 4 or self.iterations < 1 or self.patches < 1 or self.patch_size < 2:
             raise ValueError("resolution >= 4, iterations >= 1, patches >= 1 and patch_size >= 2 are required")
+        if self.colour_resolution is not None and not 2 <= self.colour_resolution <= self.resolution:
+            raise ValueError(f"colour_resolution must be between 2 and resolution ({self.resolution}); got "
+                             f"{self.colour_resolution}")
+        if self.loss not in ("l1", "l2"):
+            raise ValueError(f"loss must be 'l1' or 'l2'; got {self.loss!r}")
 
     def to_dict(self):
         d = super().to_dict()
@@ -219,14 +231,16 @@ def view_cameras(k: int, distance: float, focal: float, size: int, elevation_deg
     return look_at_cameras_on_sphere(k, distance, focal, (size, size), elevation_deg, at)
 
 
-def patch_loss(render: Tensor, target: Tensor, shift: int) -> Tensor:
+def patch_loss(render: Tensor, target: Tensor, shift: int, kind: str = "l2") -> Tensor:
     """Shift-tolerant patch error: render (N, 3, p + 2s, p + 2s), target (N, 3, p, p) -> (N,), the smallest mean
-    squared error of the target against the render's p x p windows at shifts within +-s pixels."""
+    squared (``kind`` "l2") or absolute ("l1") error of the target against the render's p x p windows at shifts
+    within +-s pixels."""
     p = target.shape[-1]
     errs = []
     for dy in range(2 * shift + 1):
         for dx in range(2 * shift + 1):
-            errs.append(((render[..., dy:dy + p, dx:dx + p] - target) ** 2).mean(dim=(1, 2, 3)))
+            d = render[..., dy:dy + p, dx:dx + p] - target
+            errs.append((d.abs() if kind == "l1" else d ** 2).mean(dim=(1, 2, 3)))
     return torch.stack(errs, 1).min(1).values
 
 
@@ -251,9 +265,24 @@ class GridFit:
         self.cfg, self.cameras, self.generator = config, cameras, generator
         self.field = ExplicitField()
         self.box = (init.box_min, init.box_max)
-        self.params = init.features.detach().clone().requires_grad_(True)
-        self.opt = torch.optim.Adam([self.params], lr=config.lr)
+        feats = init.features.detach()
+        self.resolution = feats.shape[-1]
+        rc = config.colour_resolution
+        self.density = feats[:, :1].clone().requires_grad_(True)
+        colour = feats[:, 1:] if rc in (None, self.resolution) else \
+            F.interpolate(feats[:, 1:], size=(rc, rc, rc), mode="trilinear", align_corners=False)
+        self.colour = colour.clone().requires_grad_(True)
+        self.opt = torch.optim.Adam([self.density, self.colour], lr=config.lr)
         self.losses: list[float] = []
+
+    @property
+    def params(self) -> Tensor:
+        """(1, 4, R, R, R): density and colour logits on the fine grid (colour upsampled if it has its own)."""
+        colour = self.colour
+        if colour.shape[-1] != self.resolution:
+            r = self.resolution
+            colour = F.interpolate(colour, size=(r, r, r), mode="trilinear", align_corners=False)
+        return torch.cat([self.density, colour], 1)
 
     @property
     def grid(self) -> VoxelGrid:
@@ -263,7 +292,7 @@ class GridFit:
         cfg, k = self.cfg, len(self.cameras)
         _, _, h, w = targets.shape
         s, p = cfg.shift_tolerance, cfg.patch_size
-        gen, device = self.generator, self.params.device
+        gen, device = self.generator, self.density.device
         view = torch.randint(0, k, (cfg.patches,), generator=gen)
         corner = torch.stack([torch.randint(0, w - p - 2 * s + 1, (cfg.patches,), generator=gen),
                               torch.randint(0, h - p - 2 * s + 1, (cfg.patches,), generator=gen)], -1)
@@ -273,16 +302,16 @@ class GridFit:
         rendered = out.rgb.view(cfg.patches, p + 2 * s, p + 2 * s, 3).permute(0, 3, 1, 2)
         tgt = torch.stack([targets[v, :, y + s:y + s + p, x + s:x + s + p]
                            for v, (x, y) in zip(view.tolist(), corner.tolist())])
-        loss = patch_loss(rendered, tgt, s).mean()
+        loss = patch_loss(rendered, tgt, s, cfg.loss).mean()
         if out.fine is not None:  # the coarse pass too, as the HoloDiffusion loss does
             coarse_rgb = out.coarse.rgb.view(cfg.patches, p + 2 * s, p + 2 * s, 3).permute(0, 3, 1, 2)
-            loss = loss + patch_loss(coarse_rgb, tgt, s).mean()
+            loss = loss + patch_loss(coarse_rgb, tgt, s, cfg.loss).mean()
         tv_c = cfg.tv_weight if cfg.tv_colour_weight is None else cfg.tv_colour_weight
         # Channel-mean TV, weighted per kind (equal weights: the plain TV of all four channels).
         if cfg.tv_weight > 0:
-            loss = loss + cfg.tv_weight * _tv(self.params[:, :1]) / 4
+            loss = loss + cfg.tv_weight * _tv(self.density) / 4
         if tv_c > 0:
-            loss = loss + tv_c * _tv(self.params[:, 1:]) * 3 / 4
+            loss = loss + tv_c * _tv(self.colour) * 3 / 4
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -370,7 +399,7 @@ def distill(init: VoxelGrid, targets: Tensor, cameras: PerspectiveCamera, config
             fit.step(targets)
             count += 1
             report()
-    grid = VoxelGrid(fit.params.detach(), *fit.box)
+    grid = VoxelGrid(fit.params.detach(), *fit.box)  # colour on the fine grid, whatever it was fitted on
     return DistillResult(grid, targets.detach(), fit.losses, count, converged)
 
 
