@@ -95,6 +95,31 @@ def test_resume_takes_exactly_the_uninterrupted_steps(tiny_models, tmp_path):
         assert torch.equal(x, y)
 
 
+def test_init_from_continues_a_model_with_its_weights_and_step_count(tiny_models, tmp_path):
+    hd, data = str(tiny_models["holodiffusion"]), tiny_models["data"]
+    first = SuperResTrainer(hd, data, tiny_config(steps=6), tmp_path / "first", progress=False)
+    first.fit()
+    weights = tmp_path / "first" / "model.safetensors"
+    more = SuperResTrainer(hd, data, tiny_config(steps=10), tmp_path / "more", progress=False, init_from=str(weights))
+    assert more.step == 6
+    for x, y in zip(first.ema.parameters(), more.model.unet.parameters()):
+        assert torch.equal(x, y)  # the file's EMA weights are where the new run starts
+    start = [p.clone() for p in more.model.unet.parameters()]
+    more.fit()
+    assert more.step == 10 and any(not torch.equal(a, b) for a, b in zip(start, more.model.unet.parameters()))
+    _, info = load_superres(str(tmp_path / "more"))
+    assert info["step"] == 10 and info["init_from"] == {"source": str(weights), "step": 6}
+    # a model already trained as far as the config goes, or a model of other settings: a clear refusal
+    with pytest.raises(UserError, match="trained for 6 steps"):
+        SuperResTrainer(hd, data, tiny_config(steps=6), tmp_path / "same", progress=False, init_from=str(weights))
+    other = tiny_config(steps=10)
+    other["model"]["block_channels"] = [8, 16]
+    with pytest.raises(UserError, match="other model settings"):
+        SuperResTrainer(hd, data, other, tmp_path / "other", progress=False, init_from=str(weights))
+    with pytest.raises(UserError, match="not a super-resolution model"):
+        SuperResTrainer(hd, data, tiny_config(steps=10), tmp_path / "hd", progress=False, init_from=hd)
+
+
 def test_sampling_is_seeded_per_view(tiny_models):
     model, info = load_superres(str(tiny_models["superres"]))
     assert info["holodiffusion"] == str(tiny_models["holodiffusion"])

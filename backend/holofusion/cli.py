@@ -127,6 +127,9 @@ def _add_train(sub) -> None:
     r.add_argument("--max-steps", type=_positive_int("--max-steps"), default=None,
                    help="stop at this step (the run can be resumed later)")
     r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    r.add_argument("--init-from", default=None, metavar="RUN_OR_MODEL",
+                   help="a super-resolution weights file or run folder: start from its weights and step count "
+                        "with a fresh optimizer (model settings must match; set train.steps beyond its step)")
     r.set_defaults(func=_cmd_train_superres)
 
 
@@ -144,7 +147,7 @@ def _cmd_train_superres(args) -> int:
     from .train_superres import train_superres
 
     trainer = train_superres(args.holodiffusion, args.data, args.config, args.out, args.resume, args.max_steps,
-                             args.device)
+                             args.device, init_from=args.init_from)
     print(f"step {trainer.step} of {trainer.cfg.total_steps}; run folder {args.out}")
     return 0
 

@@ -96,7 +96,7 @@ class SuperResTrainer(RunLoop):
     phase_names = ("superres",)
 
     def __init__(self, holodiffusion: str, data: str | os.PathLike, config: dict[str, Any], out: str | os.PathLike,
-                 device: str = "cpu", resume: bool = False, progress: bool = True):
+                 device: str = "cpu", resume: bool = False, progress: bool = True, init_from: str | None = None):
         self.out = Path(out)
         self.device = torch.device(device)
         self.rank, self.progress = 0, progress
@@ -143,8 +143,38 @@ class SuperResTrainer(RunLoop):
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.pairs: dict[str, Tensor] | None = None
+        self.init_from: dict[str, Any] | None = None
         if resume:
             self._load()
+        elif init_from:
+            self._init_from(Path(init_from))
+
+    def _init_from(self, source: Path) -> None:
+        """Starts from a trained super-resolution model (a weights file, or a run folder's ``model.safetensors``):
+        its EMA weights become both the network and its EMA, the step count continues from the file's, and the
+        optimizer starts afresh (its warm-up included). Runs can so be carried across machines as one weights
+        file, where the run folder (optimizer state, pair cache) is not kept; the pairs are rebuilt from the data,
+        and the same data and HoloDiffusion model give the same pairs."""
+        path = source / MODEL if source.is_dir() else source
+        if not path.is_file():
+            raise UserError(f"--init-from: {str(source)!r} is neither a super-resolution weights file nor a run "
+                            f"folder holding {MODEL}")
+        state, meta = load_weights(path, self.device)
+        if meta["kind"] != "superres":
+            raise UserError(f"--init-from: {str(path)!r} holds a {meta['kind']!r} model, not a super-resolution model")
+        ours = self.model_config.to_dict()
+        if meta["config"] != ours:
+            diff = sorted(k for k in ours if meta["config"].get(k) != ours[k])
+            raise UserError(f"--init-from: {str(path)!r} was built with other model settings ({', '.join(diff)}); "
+                            "use the config it was trained with")
+        self.model.load_state_dict(state)
+        self.ema.load_state_dict(self.model.unet.state_dict())
+        done = int(meta["info"].get("step", 0))
+        if done >= self.cfg.steps:
+            raise UserError(f"--init-from: {str(path)!r} was trained for {done} steps, and this config stops at "
+                            f"{self.cfg.steps}; set train.steps higher in a config file to train it longer")
+        self.step = done
+        self.init_from = {"source": str(path), "step": done}
 
     @property
     def info_image_size(self) -> int:
@@ -230,8 +260,11 @@ class SuperResTrainer(RunLoop):
 
     # ------------------------------------------------------------------ checkpoints
     def _info(self) -> dict[str, Any]:
-        return {"step": self.step, "holodiffusion": self.hd_path, "data": self.data_root,
+        info = {"step": self.step, "holodiffusion": self.hd_path, "data": self.data_root,
                 "categories": self.categories, "objects": len(self.sequences)}
+        if self.init_from is not None:
+            info["init_from"] = self.init_from
+        return info
 
     def save(self) -> None:
         self.save_run("superres", self._info())
@@ -314,7 +347,8 @@ def _hd_train_image_size(path: str) -> int | None:
 
 
 def train_superres(holodiffusion: str, data: str, config: str, out: str, resume: bool = False,
-                   max_steps: int | None = None, device: str = "cpu", progress: bool = True) -> SuperResTrainer:
+                   max_steps: int | None = None, device: str = "cpu", progress: bool = True,
+                   init_from: str | None = None) -> SuperResTrainer:
     """The `holofusion train superres` command (also usable from Python)."""
     root = Path(data)
     if not root.is_dir():
@@ -329,6 +363,8 @@ def train_superres(holodiffusion: str, data: str, config: str, out: str, resume:
         if missing:
             raise UserError(f"--data {data!r} has no category {', '.join(missing)}, which the HoloDiffusion model "
                             f"{holodiffusion!r} was trained on")
-    trainer = SuperResTrainer(holodiffusion, data, cfg, out, device, resume, progress)
+    if resume and init_from:
+        raise UserError("--init-from starts a new run; --resume continues one: pass one of them")
+    trainer = SuperResTrainer(holodiffusion, data, cfg, out, device, resume, progress, init_from)
     trainer.fit(max_steps)
     return trainer
