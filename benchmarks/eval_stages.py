@@ -43,6 +43,14 @@ def _subset(cond: Condition, idx: list[int]) -> Condition:
     return Condition(cond.rgb[idx], cond.alpha[idx], None if cond.features is None else cond.features[idx])
 
 
+def _value(text: str):
+    """A --set value: JSON (numbers, lists, null), else the plain string (loss=l1)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -66,7 +74,7 @@ def main() -> None:
     category = args.category or pipe.categories[0]
     base = PRESETS[args.preset]
     if args.set:
-        base = with_distill(base, **{k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)})
+        base = with_distill(base, **{k: _value(v) for k, v in (a.split("=", 1) for a in args.set)})
     if args.sr_strength is not None:
         base = replace(base, sr_strength=args.sr_strength)
     k, m = base.views, args.held_out

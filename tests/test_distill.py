@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from holofusion.distill import (DistillConfig, ExplicitField, GridFit, distill, initial_grid, object_box, patch_loss,
-                                sharpness, start_grid, view_cameras)
+from holofusion.distill import (DistillConfig, ExplicitField, GridFit, backproject_colour, distill, initial_grid,
+                                object_box, patch_loss, sharpness, start_grid, view_cameras)
 from holofusion.errors import UserError
 from holofusion.grid import VoxelGrid
 from holofusion.pipeline import PRESETS, HoloFusionPipeline, PipelineCancelled, with_distill
@@ -56,7 +56,8 @@ def test_patch_loss_l1_is_the_mean_absolute_error():
 
 @pytest.mark.parametrize("bad, words", [({"colour_resolution": 1}, "colour_resolution"),
                                         ({"colour_resolution": 128}, "colour_resolution"),
-                                        ({"loss": "huber"}, "loss must be")])
+                                        ({"loss": "huber"}, "loss must be"),
+                                        ({"colour_init": "texture"}, "colour_init")])
 def test_distill_config_refuses_bad_settings(bad, words):
     with pytest.raises(ValueError, match=words):
         DistillConfig(**bad)
@@ -94,8 +95,8 @@ def _render_error(grid: VoxelGrid, cams, views: torch.Tensor) -> float:
     return float((out.rgb.permute(0, 3, 1, 2) - views).abs().mean())
 
 
-@pytest.mark.parametrize("changes", [{}, {"colour_resolution": 8}, {"loss": "l1"}],
-                         ids=["one-grid", "coarser-colour-grid", "l1"])
+@pytest.mark.parametrize("changes", [{}, {"colour_resolution": 8}, {"loss": "l1"}, {"colour_init": "views"}],
+                         ids=["one-grid", "coarser-colour-grid", "l1", "colour-from-views"])
 def test_distillation_recovers_a_known_object(pipe, changes):
     """Consistent targets (renders of a known sphere coloured by position) from the coarse grid's start: the fit
     must get most of the way there, with colour on its own coarser grid or an L1 loss too."""
@@ -117,6 +118,28 @@ def test_distillation_recovers_a_known_object(pipe, changes):
     if changes.get("colour_resolution"):  # 8^3 colour cells fitted, 16^3 density cells
         fit = GridFit(init, cams, cfg, torch.Generator().manual_seed(0))
         assert fit.colour.shape == (1, 3, 8, 8, 8) and fit.density.shape == (1, 1, 16, 16, 16)
+
+
+def test_backprojection_colours_a_known_object_from_its_views():
+    """A sphere with position-dependent colour, seen by 12 views; its density known, its colour grey: the
+    back-projected colours must reproduce views the bake never saw, and only cells some view saw change."""
+    r, box = 24, ((-2.0,) * 3, (2.0,) * 3)
+    c = VoxelGrid(torch.zeros(1, 1, r, r, r), *box).cell_centers()
+    density = torch.where(c.norm(dim=-1) < 1.2, 5.0, -5.0)
+    colour = torch.stack([3 * torch.sin(4 * c[:, 0]), 3 * torch.cos(5 * c[:, 1]), 2 * c[:, 2]])
+    truth = VoxelGrid(torch.cat([density[None], colour]).reshape(1, 4, r, r, r), *box)
+    grey = VoxelGrid(torch.cat([density[None], torch.zeros(3, len(c))]).reshape(1, 4, r, r, r), *box)
+    look = RenderConfig(n_coarse=64, n_fine=32)
+    seen_cams, held = view_cameras(12, 9.0, 3.0, 32), view_cameras(4, 9.0, 3.0, 32, (10.0, 40.0))
+    with torch.no_grad():
+        views = render_grid(truth, ExplicitField(), seen_cams, look).rgb.permute(0, 3, 1, 2)
+        want = render_grid(truth, ExplicitField(), held, look).rgb.permute(0, 3, 1, 2)
+    baked = backproject_colour(grey, views, seen_cams, DistillConfig().render)
+    before, after = _render_error(grey, held, want), _render_error(baked, held, want)
+    assert after < 0.5 * before, f"{before:.4f} -> {after:.4f}"
+    assert torch.equal(baked.features[:, :1], grey.features[:, :1])  # density untouched
+    far = c.norm(dim=-1) > 1.8  # empty space no view's surface reaches keeps its colour
+    assert torch.equal(baked.features[0, 1:].reshape(3, -1)[:, far], grey.features[0, 1:].reshape(3, -1)[:, far])
 
 
 def test_distilled_renders_match_the_super_resolved_views_better_than_the_coarse_start(pipe):
