@@ -7,7 +7,9 @@ network: R^3 cells of (raw density, colour logits), rendered by the same ray mar
 
 - **Initialisation**: the coarse model's decoded density and albedo at the R^3 cell centres of the cube around the
   object (``object_box``: about half the coarse box, so the cells are half as large), so the fit starts from the
-  coarse object and only has to add detail.
+  coarse object and only has to add detail; with ``colour_init`` "views", the colour of every cell near the surface
+  is then baked from the views (``backproject_colour``: a visibility- and angle-weighted mean per cell), so the
+  colour starts where all the views agree and the fit mostly refines silhouettes and edges.
 - **Loss**: random square patches of the views. Each rendered patch is compared with its target at every shift of
   up to ``shift_tolerance`` pixels and the best shift counts, so a target a pixel off from the others does not
   blur the grid; a small total-variation term keeps empty space clean.
@@ -21,8 +23,8 @@ network: R^3 cells of (raw density, colour logits), rendered by the same ray mar
 - **Stopping**: after the last re-sampling, when the loss (mean over a window) stops falling by ``tolerance``.
 
 On the shipped apple models none of the re-sampling variants beat plain fitting on views held out of the fit, so
-the presets fit without them (see the README's figures); the variants stay, measured and tested, for models whose
-super-resolved views agree better.
+the presets fit without them, from baked colour (see the README's figures); the variants stay, measured and
+tested, for models whose super-resolved views agree better.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ Stages (HoloFusion, Karnewar et al. 2023):
 2. ``superres``: K views of it around a band of the sphere, framed the way the training images were cropped (the
    object's silhouette box plus 30 % context, so the super-resolution model sees what it learned on), are rendered
    at low resolution and super-resolved, each view with its own seeded generator.
-3. ``distill``: the views are distilled into one explicit high-resolution grid (``distill.py``), the targets
-   re-sampled by the super-resolution model as the fit proceeds.
+3. ``distill``: the views are distilled into one explicit high-resolution grid (``distill.py``): their colours
+   baked into the grid, then a patch-wise fit of density and colour to all of them.
 
 Presets: ``draft`` stops after stage 1 (seconds); ``standard`` runs all three; ``high`` uses more views, a finer
 grid and more iterations. The callback gets ``(stage, step, total, preview)`` (preview an (H, W, 3) image in [0, 1]
@@ -76,8 +76,10 @@ class Preset:
 
 # The fit settings of ``standard`` were chosen on held-out apples (benchmarks/eval_stages.py, seeds 1000-1003):
 # no re-sampling rounds and TV 0.01 matched or beat the defaults of DistillConfig on agreement with held-out
-# super-resolved views at a third of the time (33-62 s against 143-146 s on one CPU thread).
-_FIT = dict(resample_every=0, tv_weight=0.01)
+# super-resolved views at a third of the time (33-62 s against 143-146 s on one CPU thread); starting the colour
+# from the views baked into the grid (colour_init "views") rather than from the coarse colour is what first made
+# the distilled renders agree with held-out views better than the coarse renders do (README, "HoloFusion").
+_FIT = dict(resample_every=0, tv_weight=0.01, colour_init="views")
 PRESETS: dict[str, Preset] = {
     "draft": Preset(superres=False),
     "standard": Preset(distill=DistillConfig(**_FIT)),
