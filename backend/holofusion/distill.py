@@ -90,6 +90,12 @@ class DistillConfig(DictConfig):
     backproject_power: float = 4.0
     """The angle weighting of "views": cos(normal, view direction) to this power, so that each cell is coloured
     mostly by the views that face it (sharp), not by the grazing ones (smeared)."""
+    backproject_band: float = 1.5
+    """The depth band of "views", in cells: a cell counts as seen where its depth lies within this of the rendered
+    depth (a soft coarse surface spreads a ray's weight over a few cells behind it)."""
+    colour_lr: float | None = None
+    """Learning rate of the colour cells (None: ``lr``). Baked colour needs only small corrections; Adam's
+    normalised steps at the full rate put back cell-sized noise."""
     loss: str = "l2"
     """Per-pixel error of the patch loss: "l2" (the views' mean) or "l1" (their median: where independently
     super-resolved views disagree, a detail one view drew does not smear into the others)."""
@@ -333,7 +339,9 @@ class GridFit:
         colour = feats[:, 1:] if rc in (None, self.resolution) else \
             F.interpolate(feats[:, 1:], size=(rc, rc, rc), mode="trilinear", align_corners=False)
         self.colour = colour.clone().requires_grad_(True)
-        self.opt = torch.optim.Adam([self.density, self.colour], lr=config.lr)
+        colour_lr = config.lr if config.colour_lr is None else config.colour_lr
+        self.opt = torch.optim.Adam([{"params": [self.density]}, {"params": [self.colour], "lr": colour_lr}],
+                                    lr=config.lr)
         self.losses: list[float] = []
 
     @property
@@ -412,7 +420,7 @@ def distill(init: VoxelGrid, targets: Tensor, cameras: PerspectiveCamera, config
         raise ValueError(f"patch_size + 2 * shift_tolerance ({p + 2 * s}) exceeds the view size ({h} x {w})")
     targets = targets.to(init.device)
     if cfg.colour_init == "views":
-        init = backproject_colour(init, targets, cameras, cfg.render, cfg.backproject_power)
+        init = backproject_colour(init, targets, cameras, cfg.render, cfg.backproject_power, cfg.backproject_band)
     fit = GridFit(init, cameras, cfg, generator)
     rounds = (cfg.iterations - 1) // cfg.resample_every if (cfg.resample_every and resample is not None) else 0
     last_resample = rounds * cfg.resample_every
