@@ -79,6 +79,34 @@ def test_true_surface_projects_into_masks(dataset):
                 assert hit.float().mean() >= 0.99, f"{cat}/{seq} frame {rec.frame_number}: {hit.float().mean():.3f}"
 
 
+def test_point_colours_are_what_the_frames_show(dataset):
+    """A point cloud's colours are read off the frames, as CO3D's are: where a point is seen (its depth matches the
+    frame's depth map, well inside the mask), the pixel shows its stored colour, up to JPEG, pixel footprint and
+    highlights; the bare albedo would be off by the shading."""
+    for cat in ("apple", "donut", "hydrant", "teddybear"):
+        ds = Co3dDataset(dataset, [cat], subset=None, split=None, crop=False, image_size=None, load_depth=True,
+                         mask_images=False)
+        for _, seq in ds.sequences:
+            pts, cols = read_ply(dataset / cat / seq / "pointcloud.ply")
+            pts, cols = torch.from_numpy(pts), torch.from_numpy(cols).float() / 255
+            albedo = make_object(cat, int(seq.split("_")[1])).albedo(pts)
+            err, err_albedo = [], []
+            for rec in ds.frames(cat, seq):
+                f = ds.load_frame(rec)
+                uv, z = f.camera.project(pts.to(f.camera.dtype), return_depth=True)
+                h, w = f.camera.image_size
+                iu, iv = uv[:, 0].floor().long().clamp(0, w - 1), uv[:, 1].floor().long().clamp(0, h - 1)
+                seen = (f.depth[0][iv, iu] - z.reshape(-1)).abs() < 0.01 * z.reshape(-1)
+                seen &= f.mask[0][iv, iu] > 0.99
+                pixel = f.image[:, iv[seen], iu[seen]].T.float()
+                err.append((pixel - cols[seen]).abs().mean(-1))
+                err_albedo.append((pixel - albedo[seen]).abs().mean(-1))
+            err, err_albedo = torch.cat(err), torch.cat(err_albedo)
+            assert len(err) > 500, f"{cat}/{seq}: only {len(err)} seen points"
+            assert err.median() < 0.05, f"{cat}/{seq}: median colour error {err.median():.3f}"
+            assert err.median() < 0.4 * err_albedo.median(), f"{cat}/{seq}: {err.median():.3f} vs albedo {err_albedo.median():.3f}"
+
+
 def test_deterministic_and_parallel_equals_serial(tmp_path):
     a = synthesize("donut", 2, 3, 32, tmp_path / "a", seed=5, workers=1, progress=False)
     b = synthesize("donut", 2, 3, 32, tmp_path / "b", seed=5, workers=2, progress=False)

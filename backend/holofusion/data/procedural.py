@@ -48,6 +48,7 @@ __all__ = [
     "SequenceCameraConfig",
     "TraceConfig",
     "make_object",
+    "observed_colours",
     "random_light",
     "render_views",
     "sequence_cameras",
@@ -1254,6 +1255,49 @@ def render_views(obj: ProceduralObject, cameras: PerspectiveCamera, light: Light
     return images, masks, depths
 
 
+def _diffuse_light(obj: ProceduralObject, p: P3, n: P3, light: Light, cfg: TraceConfig,
+                   radius: float) -> tuple[Tensor, Tensor]:
+    """The light a surface point receives and sends out evenly (ambient with occlusion, key light with its soft
+    shadow, fill): multiplied by the albedo it is the view-independent colour a camera sees there. Also returns the
+    key light's shadowed Lambert term, which scales the highlight."""
+    lx, ly, lz = (float(c) for c in np.asarray(light.direction) / np.linalg.norm(light.direction))
+    lam = (n[0] * lx + n[1] * ly + n[2] * lz).clamp_min(0.0)
+    # Shadows and occlusion read distances well away from the surface: widen the gates (0.3 design units is about
+    # half a world unit) so that stand-in values there are large enough not to darken anything.
+    with _gates_widened(obj._shape, 0.3, shading=True):
+        if light.shadows:
+            li = (lam > 0).nonzero().squeeze(1)
+            if li.numel():
+                start = tuple(p[i].index_select(0, li) + n[i].index_select(0, li) * 0.02 for i in range(3))
+                sh = _soft_shadow(obj, start, (lx, ly, lz), 2.0 * radius, cfg.shadow_steps, light.softness)  # type: ignore
+                lam = lam.index_copy(0, li, lam.index_select(0, li) * sh)
+        ao = _ambient_occlusion(obj, p, n, cfg.ao_samples, 0.5)  # type: ignore[arg-type]
+    sky = 0.8 + 0.2 * (n[0] * WORLD_UP[0] + n[1] * WORLD_UP[1] + n[2] * WORLD_UP[2])
+    # The fill comes from the key light's direction mirrored through the up axis, lifted a little.
+    up_dot = lx * WORLD_UP[0] + ly * WORLD_UP[1] + lz * WORLD_UP[2]
+    fl = [-(c - up_dot * u_) + 0.5 * u_ for c, u_ in zip((lx, ly, lz), WORLD_UP)]
+    fn = math.sqrt(sum(c * c for c in fl)) or 1.0
+    fill = (n[0] * (fl[0] / fn) + n[1] * (fl[1] / fn) + n[2] * (fl[2] / fn)).clamp_min(0.0)
+    return light.ambient * ao * sky + light.diffuse * lam + light.fill * fill, lam
+
+
+@torch.no_grad()
+def observed_colours(obj: ProceduralObject, points: Tensor, light: Light, config: TraceConfig | None = None) -> Tensor:
+    """(N, 3) surface points -> the colours the renderer gives them under ``light`` without the highlight: albedo
+    times the light received (shadows, occlusion and fill included), in [0, 1].
+
+    This is what a CO3D point cloud's colours are: photogrammetry reads them off the video frames, so they carry the
+    room's shading; the specular highlight, which moves with the camera, is left out as a median over views leaves
+    it out.
+    """
+    cfg = config or TraceConfig()
+    p = tuple(points[:, i].to(_F) for i in range(3))
+    n = _normals(obj, p, 1e-3)  # type: ignore[arg-type]
+    alb = obj._shape.albedo(obj._design(*p)).clamp(0.0, 1.0)  # type: ignore[misc]
+    shade, _ = _diffuse_light(obj, p, n, light, cfg, obj.bounding_radius)
+    return (alb * shade[:, None]).clamp(0.0, 1.0).float()
+
+
 @torch.no_grad()
 def _render_chunk(obj: ProceduralObject, cameras: PerspectiveCamera, light: Light,
                   cfg: TraceConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -1301,24 +1345,8 @@ def _render_chunk(obj: ProceduralObject, cameras: PerspectiveCamera, light: Ligh
     n = _normals(obj, p, 1e-3)  # type: ignore[arg-type]
     alb = obj._shape.albedo(obj._design(*p)).clamp(0.0, 1.0)  # type: ignore[misc]
     lx, ly, lz = (float(c) for c in np.asarray(light.direction) / np.linalg.norm(light.direction))
-    lam = (n[0] * lx + n[1] * ly + n[2] * lz).clamp_min(0.0)
-    # Shadows and occlusion read distances well away from the surface: widen the gates (0.3 design units is about
-    # half a world unit) so that stand-in values there are large enough not to darken anything.
-    with _gates_widened(obj._shape, 0.3, shading=True):
-        if light.shadows:
-            li = (lam > 0).nonzero().squeeze(1)
-            if li.numel():
-                start = tuple(sel(p[i], li) + sel(n[i], li) * 0.02 for i in range(3))
-                sh = _soft_shadow(obj, start, (lx, ly, lz), 2.0 * radius, cfg.shadow_steps, light.softness)  # type: ignore
-                lam = lam.index_copy(0, li, sel(lam, li) * sh)
-        ao = _ambient_occlusion(obj, p, n, cfg.ao_samples, 0.5)  # type: ignore[arg-type]
-    sky = 0.8 + 0.2 * (n[0] * WORLD_UP[0] + n[1] * WORLD_UP[1] + n[2] * WORLD_UP[2])
-    # The fill comes from the key light's direction mirrored through the up axis, lifted a little.
-    up_dot = lx * WORLD_UP[0] + ly * WORLD_UP[1] + lz * WORLD_UP[2]
-    fl = [-(c - up_dot * u_) + 0.5 * u_ for c, u_ in zip((lx, ly, lz), WORLD_UP)]
-    fn = math.sqrt(sum(c * c for c in fl)) or 1.0
-    fill = (n[0] * (fl[0] / fn) + n[1] * (fl[1] / fn) + n[2] * (fl[2] / fn)).clamp_min(0.0)
-    col = alb * (light.ambient * ao * sky + light.diffuse * lam + light.fill * fill)[:, None]
+    shade, lam = _diffuse_light(obj, p, n, light, cfg, radius)
+    col = alb * shade[:, None]
     if obj.specular > 0:
         # Blinn-Phong with the half vector between the light and the eye (-u).
         hx, hy, hz = lx - us[0], ly - us[1], lz - us[2]

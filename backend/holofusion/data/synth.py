@@ -62,17 +62,20 @@ def _render_sequence(job: SequenceJob) -> tuple[list[dict], object, object]:
     """Worker: renders and writes one sequence's frames; returns its frame records and surface point cloud."""
     import torch
 
-    from .procedural import make_object, render_views, sequence_cameras
+    from .procedural import make_object, observed_colours, random_light, render_views, sequence_cameras
 
     obj = make_object(job.category, job.seed)
     cams = sequence_cameras(job.seed, job.views, (job.size, job.size), bounding_radius=obj.bounding_radius)
     # The light is part of the "room" of one video: fixed within a sequence, varied between sequences.
-    light_generator = torch.Generator().manual_seed(job.seed * 2 + 1)
-    images, masks, depth = render_views(obj, cams, generator=light_generator)
+    light = random_light(torch.Generator().manual_seed(job.seed * 2 + 1))
+    images, masks, depth = render_views(obj, cams, light=light)
     frame_type = FRAME_TYPE_FOR_SPLIT[job.split]
     records = [write_frame(job.root, job.category, job.name, i, images[i], masks[i], depth[i], cams[i],
                            frame_type=frame_type) for i in range(job.views)]
-    points, colours = obj.sample_surface(POINTS_PER_SEQUENCE, torch.Generator().manual_seed(job.seed))
+    points, _ = obj.sample_surface(POINTS_PER_SEQUENCE, torch.Generator().manual_seed(job.seed))
+    # Colours as the video shows them (shading of this sequence's light, no highlight), not the bare albedo: a CO3D
+    # point cloud's colours are read off its frames, and a model learns its colours from the frames too.
+    colours = observed_colours(obj, points, light)
     return records, points.numpy(), colours.numpy()
 
 
