@@ -80,7 +80,7 @@ def main() -> None:
     k, m = base.views, args.held_out
     pre = replace(base, views=k + m)
     look = RenderConfig(n_coarse=64, n_fine=32, chunk_rays=4096)
-    scfg = SurfaceConfig(lattice=64, points=args.points)
+    scfg = SurfaceConfig(lattice=64, points=args.points, opacity_length=pipe.opacity_length())
     rows, coarse_sets, fine_sets, tiles = [], [], [], []
     for i in range(args.objects):
         seed = args.first_seed + i

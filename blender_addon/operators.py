@@ -42,8 +42,10 @@ def _spec(settings, seed: int, category: str | None = None) -> dict:
 
 
 def _options(settings) -> dict:
-    return {"texture_size": settings.texture_size, "faces": settings.faces,
-            "opacity_length": settings.opacity_length}
+    options = {"texture_size": settings.texture_size, "faces": settings.faces}
+    if settings.opacity_length > 0:  # 0 leaves the level to the model (its calibrated surface)
+        options["opacity_length"] = settings.opacity_length
+    return options
 
 
 def _next_seed(settings) -> int:

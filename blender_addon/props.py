@@ -94,9 +94,10 @@ class HoloFusionSettings(bpy.types.PropertyGroup):
                               description="Size of the baked base-colour texture")
     faces: IntProperty(name="Faces", default=20000, min=100, max=500000,
                        description="Triangles of the mesh after decimation")
-    opacity_length: FloatProperty(name="Surface Depth", default=1.0, min=0.01, max=100.0,
+    opacity_length: FloatProperty(name="Surface Depth", default=0.0, min=0.0, max=100.0,
                                   description="Where the surface sits in the density field: larger keeps fainter "
-                                              "parts (the backend's opacity length)")
+                                              "parts (the backend's opacity length). 0: the model's own level, "
+                                              "measured on its training objects")
     # batch populate
     count: IntProperty(name="Count", default=6, min=1, max=1000, description="Objects to place")
     first_seed: IntProperty(name="First Seed", default=0, min=0, max=2**31 - 1)

@@ -27,10 +27,12 @@ from holofusion.evaluate import (
     coverage,
     density_lattice,
     density_level,
+    fit_opacity_length,
     generative_metrics,
     level_set_points,
     minimum_matching_distance,
     one_nn_accuracy,
+    opacity_length_of,
     surface_points,
     turntable_settings,
 )
@@ -280,6 +282,29 @@ def test_surface_points_of_a_decoded_sphere():
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
+def test_fit_opacity_length_finds_the_level_of_the_true_surface():
+    """A field whose level sets are spheres, one radius per level: the fitted level is the one whose sphere is the
+    true surface, and the distance grows as the level moves away from it; a level with no surface scores inf."""
+    dec = sphere_decoder()
+    s, h = 24, 2.0
+    grid = VoxelGrid.zeros(3, 1, s, (-h,) * 3, (h,) * 3)
+    r = grid.cell_centers().norm(dim=-1).view(s, s, s)
+    lengths = (0.3, 0.5, 0.8, 1.25)
+    # Raw density linear in the radius, reaching the level of length 0.5 at r = 1.0: softplus^-1(ln 2 / l) - 2 (r - 1).
+    grid.features[:, 0] = math.log(math.expm1(density_level(0.5))) - 2.0 * (r - 1.0)
+    truth = torch.randn(3, 800, 3, generator=torch.Generator().manual_seed(0))
+    truth = truth / truth.norm(dim=-1, keepdim=True)  # points on the unit sphere
+    cfg = SurfaceConfig(lattice=40, points=800)
+    best, scores = fit_opacity_length(grid, dec, truth, lengths=lengths, config=cfg)
+    assert best == 0.5
+    # 0.01 is the floor of two independent 800-point draws of one sphere; the neighbours' spheres are 0.2-0.3 off.
+    assert scores[0.5] < 0.02 and 20 * scores[0.5] < min(scores[0.3], scores[0.8]) and scores[0.8] < scores[1.25]
+    grid.features[0, 0] = -20.0  # one object with no surface anywhere: the median still finds the level
+    assert fit_opacity_length(grid, dec, truth, lengths=lengths, config=cfg)[0] == 0.5
+    grid.features[1, 0] = -20.0  # most of them empty: no level fits
+    assert all(math.isinf(v) for v in fit_opacity_length(grid, dec, truth, lengths=lengths, config=cfg)[1].values())
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     from holofusion.data.synth import synthesize
@@ -389,6 +414,53 @@ def test_evaluate_falls_back_to_val_with_a_note(run_dir, dataset, tmp_path, caps
     report = json.loads((tmp_path / "e.json").read_text())
     assert report["reference_split"] == "val" and any("val split" in n for n in report["notes"])
     assert "val split" in text
+
+
+def test_calibrate_cli_measures_the_shipped_model_and_evaluate_uses_its_level(tmp_path, capsys):
+    """The shipped apple model on a few freshly made training apples: its surface level is found where the
+    reconstructions' surfaces meet the true ones (not at the uncalibrated 1.0, which puts them 9 % out), stored in
+    the file, and taken by evaluate unless --opacity-length is given."""
+    from holofusion.data.synth import synthesize
+    from holofusion.pipeline import MODELS_DIR
+
+    data = tmp_path / "data"
+    synthesize("apple", sequences=10, views=8, size=64, out=data, workers=1, progress=False)
+    model = tmp_path / "model.safetensors"
+    shutil.copyfile(MODELS_DIR / "apple" / "holodiffusion.safetensors", model)
+    code, out, err = run_cli(capsys, "calibrate", "--model", model, "--data", data, "--objects", "4")
+    assert code == 0, err
+    surface = read_metadata(model)["info"]["surface"]
+    assert surface["split"] == "train" and surface["objects"] == 4
+    chamfer = {float(k): v for k, v in surface["chamfer"].items()}  # {length: median distance}: the smallest is kept
+    assert min(chamfer, key=lambda k: (chamfer[k], k)) == surface["opacity_length"]
+    assert 0.3 <= surface["opacity_length"] <= 0.8 and chamfer[surface["opacity_length"]] < chamfer[1.0]
+    assert f"opacity length {surface['opacity_length']:g}" in out
+    report = tmp_path / "e.json"
+    args = ["evaluate", "--model", model, "--data", data, "--samples", "1", "--steps", "1", "--points", "32",
+            "--lattice", "8", "--out", report]
+    assert run_cli(capsys, *args)[0] == 0
+    assert json.loads(report.read_text())["surface"]["opacity_length"] == surface["opacity_length"]
+    assert run_cli(capsys, *args, "--opacity-length", "3")[0] == 0
+    assert json.loads(report.read_text())["surface"]["opacity_length"] == 3.0  # given: it wins
+
+
+def test_calibrate_refuses_a_model_without_surfaces_and_leaves_it_alone(run_dir, tmp_path, capsys):
+    from holofusion.data.synth import synthesize
+
+    data = tmp_path / "data"
+    synthesize("all", sequences=8, views=3, size=16, out=data, workers=1, progress=False)  # the model's categories
+    state = load_file(run_dir / "model.safetensors")
+    state["decoder.head.weight"][0] = 0.0
+    state["decoder.head.bias"][0] = -10.0  # density softplus(-10) everywhere: nothing is ever opaque
+    meta = read_metadata(run_dir / "model.safetensors")
+    model = tmp_path / "dead.safetensors"
+    save_weights(model, state, "holodiffusion", meta["config"], {**meta["info"], "image_size": 16, "n_source": 3})
+    before = model.read_bytes()
+    code, out, err = run_cli(capsys, "calibrate", "--model", model, "--data", data, "--objects", "3")
+    assert code == 2
+    last = err.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("holofusion: error:") and "surface" in last, err
+    assert model.read_bytes() == before
 
 
 @pytest.mark.parametrize("case", ["data-category", "text-model", "model-category", "inception", "not-safetensors"])

@@ -97,3 +97,24 @@ def test_resume_with_a_longer_schedule_and_refusal_to_move_a_crossed_boundary(so
     moved.write_text(json.dumps({"base": "tiny", "train": {"ae_steps": 40}}))
     with pytest.raises(UserError, match="cannot change ae_steps"):
         train_holodiffusion(str(data), "apple", str(moved), str(run), resume=True, progress=False)
+
+
+def test_the_autoencoder_phase_ends_with_a_surface_calibration_that_branches_keep(source_run, tmp_path):
+    """When the autoencoder is done the trainer measures its surface level on training objects and the model file
+    carries it (a 30-step tiny autoencoder may have no surface yet: then the record says why and the default
+    level stays); a run branched from it keeps the record, as its autoencoder is the same."""
+    from holofusion.evaluate import OPACITY_LENGTHS, opacity_length_of
+    from holofusion.weights import read_metadata
+
+    data, src = source_run
+    surface = read_metadata(src / "model.safetensors")["info"]["surface"]
+    assert surface["step"] == 30
+    if "failed" in surface:
+        assert "surface" in surface["failed"]
+    else:
+        assert surface["opacity_length"] in OPACITY_LENGTHS and surface["split"] == "train"
+    model = type("M", (), {"info": {"surface": surface}})()
+    assert opacity_length_of(model) == surface.get("opacity_length", 1.0)
+    train_holodiffusion(str(data), "apple", "tiny", str(tmp_path / "b"), max_steps=31, progress=False,
+                        init_from=str(src))
+    assert read_metadata(tmp_path / "b" / "model.safetensors")["info"]["surface"] == surface

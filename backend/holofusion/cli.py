@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import DEFAULT_MODEL, __version__
 from .errors import UserError
@@ -188,6 +189,38 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="measure a HoloDiffusion model's surface level on its training objects",
+                       description="Encode training objects of the model's categories from their views and find "
+                                   "the surface level (opacity length) whose surfaces lie closest to their point "
+                                   "clouds; store it in the model file, where holofusion generate, evaluate, the "
+                                   "backend and the Blender extension take it as their default. Held-out objects "
+                                   "are not used. The trainer does this itself when its autoencoder is done.")
+    p.add_argument("--model", required=True, help="run folder (its model.safetensors) or a .safetensors model file; "
+                                                  "rewritten in place with the level in its metadata")
+    p.add_argument("--data", required=True, help="CO3Dv2-format dataset root with the model's training objects")
+    p.add_argument("--objects", type=_positive_int("--objects"), default=16,
+                   help="training objects to measure (default: 16)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(args) -> int:
+    from .evaluate import _load_model, calibrate_surface
+    from .weights import load_weights, save_weights
+
+    model = _load_model(args.model, args.device)
+    surface = calibrate_surface(model, args.data, args.objects)
+    path = Path(args.model) / "model.safetensors" if Path(args.model).is_dir() else Path(args.model)
+    state, meta = load_weights(path)
+    save_weights(path, state, meta["kind"], meta["config"], {**meta["info"], "surface": surface})
+    table = "  ".join(f"{k}: {v:.4f}" for k, v in surface["chamfer"].items())
+    print(f"Chamfer to the true surfaces by opacity length: {table}")
+    print(f"surface level: opacity length {surface['opacity_length']:g} (was "
+          f"{(meta['info'].get('surface') or {}).get('opacity_length', 'not calibrated')}); wrote {path}")
+    return 0
+
+
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics of a HoloDiffusion model against held-out objects",
                        description="Sample --samples objects of a category, extract their coloured surfaces and "
@@ -208,11 +241,12 @@ def _add_evaluate(sub) -> None:
                    help="points per surface and per reference cloud (default: 2048)")
     p.add_argument("--lattice", type=_positive_int("--lattice"), default=64,
                    help="density lattice per axis for surface extraction (default: 64)")
-    p.add_argument("--opacity-length", type=float, default=1.0,
+    p.add_argument("--opacity-length", type=float, default=None,
                    help="surface level: where a slab this thick (world units) is half opaque, sigma = ln 2 / length "
-                        "(default: 1.0)")
+                        "(default: the model's calibrated level, see holofusion calibrate; 1.0 for a model without "
+                        "one)")
     p.add_argument("--keep-floaters", action="store_true",
-                   help="measure every surface found, floaters included (default: drop regions under 2 %% of the "
+                   help="measure every surface found, floaters included (default: drop regions under 10 %% of the "
                         "largest, as the mesh chain does, so the measured surface is the object a user gets)")
     p.add_argument("--colour-weight", type=float, default=None,
                    help="weight of RGB against xyz in the coloured distance (default: chosen so that colour and "
@@ -232,16 +266,17 @@ def _cmd_evaluate(args) -> int:
 
     if args.lattice < 2:
         raise UserError(f"--lattice must be at least 2; got {args.lattice}")
-    if not args.opacity_length > 0:
+    if args.opacity_length is not None and not args.opacity_length > 0:
         raise UserError(f"--opacity-length must be positive; got {args.opacity_length}")
     if args.colour_weight is not None and not args.colour_weight >= 0:
         raise UserError(f"--colour-weight must be zero or positive; got {args.colour_weight}")
     report, path, sheet = evaluate_model(args.model, args.data, args.category, args.samples, args.steps,
                                          args.sampler, args.points, args.out, args.inception, args.seed, args.batch,
-                                         SurfaceConfig(lattice=args.lattice, opacity_length=args.opacity_length,
-                                                       min_component=0.0 if args.keep_floaters else 0.02),
-                                         args.colour_weight,
-                                         device=args.device)
+                                         SurfaceConfig(lattice=args.lattice,
+                                                       min_component=0.0 if args.keep_floaters
+                                                       else SurfaceConfig.min_component),
+                                         args.colour_weight, device=args.device,
+                                         opacity_length=args.opacity_length)
     print(format_table(report))
     print(f"wrote {path}")
     print(f"wrote {sheet}")
@@ -257,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sample(sub)
     _add_evaluate(sub)
+    _add_calibrate(sub)
     _add_generate(sub)
     _add_serve(sub)
     _add_worker(sub)
@@ -288,9 +324,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--size", type=float, default=None, metavar="METRES",
                    help="largest side of the object in metres (default: a real-world size per category, "
                         "e.g. 0.08 for an apple)")
-    p.add_argument("--opacity-length", type=float, default=1.0, metavar="L",
-                   help="surface threshold: where a slab L world units thick is half opaque (default: 1.0; larger "
-                        "values put the surface further out, in fainter density)")
+    p.add_argument("--opacity-length", type=float, default=None, metavar="L",
+                   help="surface threshold: where a slab L world units thick is half opaque (default: the model's "
+                        "calibrated level, 1.0 for a model without one; larger values put the surface further out, "
+                        "in fainter density)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--server", default=None, metavar="CONNECTION_FILE",
                    help="run on a backend (holofusion serve) instead of in this process: its connection file")

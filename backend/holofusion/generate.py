@@ -41,7 +41,8 @@ class GenerateJob:
     texture_size: int = 1024
     faces: int = 20000
     size_m: float | None = None
-    opacity_length: float = 1.0
+    opacity_length: float | None = None
+    """The surface level (``MeshConfig.opacity_length``); None: the model's calibrated level."""
     device: str = "cpu"
 
 
@@ -109,14 +110,16 @@ def generate(job: GenerateJob, progress: bool = True, observer: Callable[[str, i
         raise UserError(f"--preset {job.preset!r} is unknown; choose from {', '.join(PRESETS)}")
     if job.count < 1:
         raise UserError(f"--count must be at least 1; got {job.count}")
-    try:
-        cfg = AssetConfig(texture_size=job.texture_size, size_m=job.size_m,
-                          mesh=MeshConfig(target_faces=job.faces, opacity_length=job.opacity_length))
-    except ValueError as e:
-        raise UserError(f"bad mesh option: {e}") from None
+    if job.opacity_length is not None and not job.opacity_length > 0:
+        raise UserError(f"--opacity-length must be positive; got {job.opacity_length}")
     seeds = [job.seed + i for i in range(job.count)]
     paths = output_paths(job.out, seeds)
     pipe = pipeline if pipeline is not None else HoloFusionPipeline.from_pretrained(job.model, job.device)
+    try:
+        cfg = AssetConfig(texture_size=job.texture_size, size_m=job.size_m,
+                          mesh=MeshConfig(target_faces=job.faces, opacity_length=pipe.opacity_length(job.opacity_length)))
+    except ValueError as e:
+        raise UserError(f"bad mesh option: {e}") from None
     records = []
     for seed, path in zip(seeds, paths):
         bars = _StageBars(f"seed {seed}", progress, observer)
@@ -163,7 +166,8 @@ def generate_remote(job: GenerateJob, server: str, progress: bool = True) -> lis
         job_id = client.generate(seed=job.seed, model=job.model, category=job.category, preset=job.preset,
                                  count=job.count, options={"texture_size": job.texture_size, "faces": job.faces,
                                                            "size_m": job.size_m,
-                                                           "opacity_length": job.opacity_length})
+                                                           **({} if job.opacity_length is None else
+                                                              {"opacity_length": job.opacity_length})})
         bars = _StageBars("", progress)
         try:
             for event in client.events(job_id):

@@ -32,6 +32,7 @@ from .data.co3d import mask_crop_box
 from .diffusion import SamplingCancelled
 from .distill import DistillCancelled, DistillConfig, ExplicitField, distill, start_grid, view_cameras
 from .errors import UserError
+from .evaluate import opacity_length_of
 from .grid import VoxelGrid
 from .holodiffusion import HoloDiffusion, load_holodiffusion
 from .superres import Condition, SuperRes, load_superres
@@ -131,6 +132,12 @@ class HoloFusionPipeline:
     @property
     def categories(self) -> list[str]:
         return list(self.hd.config.categories)
+
+    def opacity_length(self, override: float | None = None) -> float:
+        """The surface level meshes are cut at: ``override`` when given, else the HoloDiffusion model's calibrated
+        level (``holofusion calibrate``). The distilled grid starts from the coarse field's density and is fitted to
+        views of it, so the coarse model's level serves it too."""
+        return float(override) if override is not None else opacity_length_of(self.hd)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu") -> HoloFusionPipeline:

@@ -154,8 +154,11 @@ class Trainer(RunLoop):
         self.rank, self.world = _dist_info()
         self.progress = progress and self.rank == 0
         stored = self.out / CHECKPOINT
+        self.surface: dict[str, Any] | None = None
+        """The autoencoder's calibrated surface level (``evaluate.calibrate_surface``), once its phase is over."""
         if resume and stored.is_file():
             _, meta = load_weights(stored)
+            self.surface = meta["info"].get("surface")
             schedule = {k: v for k, v in (config or {}).get("train", {}).items() if k in SCHEDULE_KEYS}
             config = meta["config"]  # a resumed run keeps the config it started with, but for its schedule
             categories = config["model"]["categories"]
@@ -323,6 +326,8 @@ class Trainer(RunLoop):
         phase = cfg.phase(step)
         if phase != "autoencoder" and self.latents is None:
             self.build_latent_cache()
+        if phase != "autoencoder" and self.surface is None:
+            self.calibrate_surface()
         self._set_lr(phase, step)
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
@@ -352,6 +357,23 @@ class Trainer(RunLoop):
         return totals
 
     @torch.no_grad()
+    def calibrate_surface(self) -> None:
+        """Measures where the trained autoencoder puts surfaces (``holofusion calibrate``), so the model file carries
+        the level that meshes and evaluations use. Done once the autoencoder is final (the latent phase leaves it
+        as it is) and again after the bootstrap phase, which changes it."""
+        from .evaluate import calibrate_surface
+
+        if self.rank != 0:
+            return
+        self.model.eval()
+        try:
+            self.surface = calibrate_surface(self.model, self.data_root, progress=False, categories=self.categories,
+                                             image_size=self.cfg.image_size, n_source=self.cfg.n_source)
+        except UserError as e:  # an autoencoder too young to have surfaces: the model keeps the default level
+            self.surface = {"failed": str(e)}
+        self.surface["step"] = self.step
+
+    @torch.no_grad()
     def _ema_update(self) -> None:
         # Early in the latent phase a short EMA horizon lets the average catch up with a fast-changing network.
         k = self.step - self.cfg.ae_steps + 1
@@ -366,6 +388,11 @@ class Trainer(RunLoop):
         info = {"step": self.step, "phase": self.cfg.phase(max(self.step - 1, 0)), "data": self.data_root,
                 "image_size": self.cfg.image_size, "n_source": self.cfg.n_source,
                 "categories": self.categories, "objects": len(self.sequences)}
+        if self.step == self.cfg.total_steps and self.cfg.bootstrap_steps > 0 and \
+                (self.surface or {}).get("step") != self.step:
+            self.calibrate_surface()  # the bootstrap phase trained the autoencoder too
+        if self.surface is not None:
+            info["surface"] = self.surface
         self.save_run("holodiffusion", info)
 
     def _load(self) -> None:
@@ -399,6 +426,7 @@ class Trainer(RunLoop):
             raise UserError(f"--init-from: {str(source)!r} has not finished its autoencoder phase yet")
         keep = {k: v for k, v in state.items() if k.startswith(("encoder.", "decoder."))}
         self.model.load_state_dict(keep, strict=False)
+        self.surface = meta["info"].get("surface")  # same autoencoder, same surface
         self.step = self.cfg.ae_steps
         if (source / LATENTS).is_file() and self.rank == 0:
             shutil.copyfile(source / LATENTS, self.out / LATENTS)
@@ -417,6 +445,7 @@ class Trainer(RunLoop):
         self.model.load_state_dict(state)
         self.ema.load_state_dict(self.model.unet.state_dict())
         self._keep_normalisation = True
+        self.surface = meta["info"].get("surface")
         self.step = max(self.cfg.ae_steps, min(int(meta["info"].get("step", 0)),
                                                 self.cfg.ae_steps + self.cfg.latent_steps - 1))
         if self.rank == 0:

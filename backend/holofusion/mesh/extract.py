@@ -45,8 +45,9 @@ class MeshConfig(DictConfig):
     opacity_length: float = 1.0
     """The surface is where a slab this thick (world units) absorbs half the light (density ln 2 / l); the same
     default as the evaluation's surfaces (``SurfaceConfig``), so the mesh is the surface that was measured."""
-    min_component: float = 0.02
-    """Components with fewer faces than this fraction of the largest one's are dropped (floaters)."""
+    min_component: float = 0.1
+    """Components with fewer faces than this fraction of the largest one's are dropped (floaters; the same default
+    as the evaluation's surfaces, ``SurfaceConfig.min_component``)."""
     smooth_iterations: int = 10
     """Taubin smoothing passes (0: none)."""
     target_faces: int = 20000

@@ -226,13 +226,16 @@ class Worker:
 
         job_id, req = order["job_id"], order["request"]
         opts = req.get("options") or {}
+        pipe = self._pipeline(req["model"])
         try:
+            # No opacity_length (or null): the model's calibrated surface level.
+            level = opts.get("opacity_length")
             cfg = AssetConfig(texture_size=int(opts.get("texture_size", 1024)), size_m=opts.get("size_m"),
                               mesh=MeshConfig(target_faces=int(opts.get("faces", 20000)),
-                                              opacity_length=float(opts.get("opacity_length", 1.0))))
+                                              opacity_length=pipe.opacity_length(None if level is None
+                                                                                 else float(level))))
         except (TypeError, ValueError) as e:
             raise UserError(f"bad options: {e}") from None
-        pipe = self._pipeline(req["model"])
         for index in order["indices"]:
             seed = int(order["seeds"][index])
             t0 = time.perf_counter()
