@@ -11,8 +11,9 @@ the lattice is refined, and the same level serves models of any grid size. Point
 lattice edges (linear interpolation along the edge: the vertices marching cubes would place), drawn at random with
 weight 1 / |n|_1 (n the unit normal from the density gradient): an axis-aligned lattice meets a surface patch of unit
 normal n in |n_x| + |n_y| + |n_z| crossings per unit area, so these weights make the draw uniform over the area,
-like the ground-truth point clouds (``ProceduralObject.sample_surface``). Colour is the decoder's albedo (view-
-independent) at each point. This was preferred over unprojecting rendered depth maps: a 64^3 lattice needs about a
+like the ground-truth point clouds (``ProceduralObject.sample_surface``). Colour is the decoder's rendered colour
+averaged over view directions (``Decoder.mean_colour``) at each point: the colour head alone leaves out the view
+branch's residual, which carries much of a trained model's colour, as the baked textures do. This was preferred over unprojecting rendered depth maps: a 64^3 lattice needs about a
 tenth of the field evaluations of rendering enough views, the result does not depend on a choice of views, and
 occluded parts (a donut's hole) are not missed. A field with no crossing (nothing above the level, or everything)
 is an *empty* sample.
@@ -257,7 +258,8 @@ def level_set_points(sigma: Tensor, box_min: Sequence[float], box_max: Sequence[
 def surface_points(grid: VoxelGrid, decoder: Decoder, activation: str = "softplus",
                    config: SurfaceConfig | None = None,
                    generators: Sequence[torch.Generator] | None = None) -> ColouredPoints:
-    """Coloured surface points of each of the grid's B scenes: P points per scene, albedo colours.
+    """Coloured surface points of each of the grid's B scenes: P points per scene, coloured by the decoder's
+    view-averaged colour (``mean_colour``).
 
     ``generators``: one per scene (object i's points depend on ``generators[i]`` alone); None seeds scene i with i.
     """
@@ -281,7 +283,7 @@ def surface_points(grid: VoxelGrid, decoder: Decoder, activation: str = "softplu
             continue
         feats = one.sample(p.to(grid.device, grid.dtype).unsqueeze(0))[0]
         points[i] = p
-        colours[i] = decoder.albedo(feats).float().cpu()
+        colours[i] = decoder.mean_colour(feats).float().cpu()
     return ColouredPoints(points, colours, empty)
 
 

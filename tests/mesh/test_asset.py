@@ -119,6 +119,28 @@ def test_texture_matches_the_grid_colour_at_random_surface_points(asset):
     assert mae <= 3 / 255, f"texture colour error {mae * 255:.2f}/255"
 
 
+def test_a_decoder_is_baked_with_the_colour_it_renders_not_its_colour_head_alone(asset):
+    """A trained coarse decoder keeps much of its colour in the view branch's residual (the shipped apple model's
+    colour head alone gave green textures for red apples): the texture holds the rendered colour averaged over
+    directions (``mean_colour``)."""
+    from holofusion.nets.decoder import Decoder, DecoderConfig
+
+    torch.manual_seed(0)
+    dec = Decoder(DecoderConfig(n_features_in=4, hidden_dim=16, n_hidden_layers=2, n_harmonics_dir=2))
+    with torch.no_grad():
+        dec.view_out.bias.copy_(torch.tensor([2.0, -2.0, 0.0]))  # the view branch moves red up, green down
+    w = asset.world_mesh
+    grid = blob_grid()
+    texture, _ = bake_albedo(w, grid, dec, size=256)
+    points, face, bary = _surface_samples(w, 4000, 5)
+    looked_up = sample_texture(texture, np.einsum("nk,nkd->nd", bary, w.uvs[w.faces[face]].astype(np.float64)))
+    with torch.no_grad():
+        feats = grid.sample(torch.from_numpy(points).float()[None])[0]
+        rendered, head = dec.mean_colour(feats).double().numpy(), dec.albedo(feats).double().numpy()
+    assert np.abs(rendered - head).mean() > 0.1  # the two differ here ...
+    assert np.abs(looked_up - rendered).mean() < 0.02  # ... and the texture is the rendered colour
+
+
 def test_every_texel_a_lookup_on_the_surface_reads_was_baked_or_dilated(asset):
     """The four texels of each bilinear lookup at surface points lie in the rasterised coverage or the rings the
     baker dilates into (filled from their own chart), never in the far (push-pull) fill."""

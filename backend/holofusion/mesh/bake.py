@@ -4,7 +4,10 @@
    grouped by the size of their texel bounding box, each group tests every texel centre of every box against its
    triangle with barycentric coordinates, and the texels inside keep the barycentric mix of their triangle's
    3D corners: the surface point the texel shows.
-2. **Query** the field's albedo at those points (trilinear lookup + the decoder's view-independent colour head).
+2. **Query** the field's view-independent colour at those points (trilinear lookup, then the decoder's rendered
+   colour averaged over directions, ``mean_colour``). Not the colour head alone (``albedo``): a trained coarse
+   decoder keeps much of its colour in the view branch's residual, and the head alone is washed out against what
+   the model renders (the shipped apple model's surface colours were 3.5x further from the true ones by it).
 3. **Fill** the rest of the texture so no seam shows at any mip level: ``dilate`` rings of texels around the charts
    take the mean of their filled neighbours (the texels a bilinear lookup near a chart's edge reads), then a
    push-pull pyramid (coverage-weighted averages down to 1 x 1, then back up) fills every remaining texel with the
@@ -86,7 +89,7 @@ def _raster_bucket(tri: np.ndarray, lo: np.ndarray, s: int, size: int) -> tuple[
 @torch.no_grad()
 def bake_albedo(mesh: Mesh, grid: VoxelGrid, field: nn.Module, size: int = 1024, dilate: int = 4,
                 chunk: int = 262144) -> tuple[np.ndarray, np.ndarray]:
-    """The texture (size, size, 3) uint8 of the field's albedo on the mesh, and the mask (size, size) bool of texels
+    """The texture (size, size, 3) uint8 of the field's view-independent colour (``mean_colour``) on the mesh, and the mask (size, size) bool of texels
     the triangles cover (before filling)."""
     texel, face, bary = rasterize_uv(mesh, size)
     corners = mesh.vertices[mesh.faces[face]].astype(np.float64)  # (N, 3, 3)
@@ -94,7 +97,7 @@ def bake_albedo(mesh: Mesh, grid: VoxelGrid, field: nn.Module, size: int = 1024,
     colours = []
     for start in range(0, points.shape[0], chunk):
         feats = grid.sample(points[start:start + chunk][None].to(grid.dtype), mode="grid_sample")[0]
-        colours.append(field.albedo(feats).float().cpu())
+        colours.append(field.mean_colour(feats).float().cpu())
     rgb = torch.cat(colours).numpy() if colours else np.zeros((0, 3), np.float32)
     image = np.zeros((size * size, 3), np.float32)
     mask = np.zeros(size * size, bool)
