@@ -12,10 +12,11 @@ lattice edges (linear interpolation along the edge: the vertices marching cubes 
 weight 1 / |n|_1 (n the unit normal from the density gradient): an axis-aligned lattice meets a surface patch of unit
 normal n in |n_x| + |n_y| + |n_z| crossings per unit area, so these weights make the draw uniform over the area,
 like the ground-truth point clouds (``ProceduralObject.sample_surface``). Colour is the decoder's rendered colour
-averaged over view directions (``Decoder.mean_colour``) at each point: the colour head alone leaves out the view
-branch's residual, which carries much of a trained model's colour, as the baked textures do. This was preferred over unprojecting rendered depth maps: a 64^3 lattice needs about a
-tenth of the field evaluations of rendering enough views, the result does not depend on a choice of views, and
-occluded parts (a donut's hole) are not missed. A field with no crossing (nothing above the level, or everything)
+averaged over view directions (``Decoder.mean_colour``) at each point, as the baked textures have it: the colour
+head alone leaves out the view branch's residual, which carries much of a trained model's colour. This was
+preferred over unprojecting rendered depth maps: a 64^3 lattice needs about a tenth of the field evaluations of
+rendering enough views, the result does not depend on a choice of views, and occluded parts (a donut's hole) are
+not missed. A field with no crossing (nothing above the level, or everything)
 is an *empty* sample.
 
 Distances (``chamfer_matrix``). The Chamfer distance as PointFlow (Yang et al. 2019) evaluates it: squared Euclidean

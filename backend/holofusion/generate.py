@@ -116,8 +116,8 @@ def generate(job: GenerateJob, progress: bool = True, observer: Callable[[str, i
     paths = output_paths(job.out, seeds)
     pipe = pipeline if pipeline is not None else HoloFusionPipeline.from_pretrained(job.model, job.device)
     try:
-        cfg = AssetConfig(texture_size=job.texture_size, size_m=job.size_m,
-                          mesh=MeshConfig(target_faces=job.faces, opacity_length=pipe.opacity_length(job.opacity_length)))
+        mesh = MeshConfig(target_faces=job.faces, opacity_length=pipe.opacity_length(job.opacity_length))
+        cfg = AssetConfig(texture_size=job.texture_size, size_m=job.size_m, mesh=mesh)
     except ValueError as e:
         raise UserError(f"bad mesh option: {e}") from None
     records = []

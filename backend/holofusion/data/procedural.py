@@ -1269,7 +1269,8 @@ def _diffuse_light(obj: ProceduralObject, p: P3, n: P3, light: Light, cfg: Trace
             li = (lam > 0).nonzero().squeeze(1)
             if li.numel():
                 start = tuple(p[i].index_select(0, li) + n[i].index_select(0, li) * 0.02 for i in range(3))
-                sh = _soft_shadow(obj, start, (lx, ly, lz), 2.0 * radius, cfg.shadow_steps, light.softness)  # type: ignore
+                sh = _soft_shadow(obj, start, (lx, ly, lz), 2.0 * radius, cfg.shadow_steps,  # type: ignore
+                                  light.softness)
                 lam = lam.index_copy(0, li, lam.index_select(0, li) * sh)
         ao = _ambient_occlusion(obj, p, n, cfg.ao_samples, 0.5)  # type: ignore[arg-type]
     sky = 0.8 + 0.2 * (n[0] * WORLD_UP[0] + n[1] * WORLD_UP[1] + n[2] * WORLD_UP[2])

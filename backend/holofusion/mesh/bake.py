@@ -89,8 +89,8 @@ def _raster_bucket(tri: np.ndarray, lo: np.ndarray, s: int, size: int) -> tuple[
 @torch.no_grad()
 def bake_albedo(mesh: Mesh, grid: VoxelGrid, field: nn.Module, size: int = 1024, dilate: int = 4,
                 chunk: int = 262144) -> tuple[np.ndarray, np.ndarray]:
-    """The texture (size, size, 3) uint8 of the field's view-independent colour (``mean_colour``) on the mesh, and the mask (size, size) bool of texels
-    the triangles cover (before filling)."""
+    """The texture (size, size, 3) uint8 of the field's view-independent colour (``mean_colour``) on the mesh, and
+    the mask (size, size) bool of texels the triangles cover (before filling)."""
     texel, face, bary = rasterize_uv(mesh, size)
     corners = mesh.vertices[mesh.faces[face]].astype(np.float64)  # (N, 3, 3)
     points = torch.from_numpy(np.einsum("nk,nkd->nd", bary, corners).astype(np.float32)).to(grid.device)
