@@ -118,3 +118,39 @@ def test_the_autoencoder_phase_ends_with_a_surface_calibration_that_branches_kee
     train_holodiffusion(str(data), "apple", "tiny", str(tmp_path / "b"), max_steps=31, progress=False,
                         init_from=str(src))
     assert read_metadata(tmp_path / "b" / "model.safetensors")["info"]["surface"] == surface
+
+
+def test_init_from_a_model_file_trains_its_autoencoder_on_when_the_config_asks(source_run, tmp_path):
+    """A config whose autoencoder phase reaches past the file's step (31) continues that phase from the file's
+    weights (here with the mask loss raised), then measures the latent normalisation and the surface level anew."""
+    from holofusion.weights import read_metadata
+
+    data, src = source_run
+    model_file = src / "model.safetensors"
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"base": "tiny", "train": {"ae_steps": 33, "mask_weight": 1.0,
+                                                         "box_ray_fraction": 0.25}}))
+    t = train_holodiffusion(str(data), "apple", str(cfg), str(tmp_path / "more"), max_steps=34, progress=False,
+                            init_from=str(model_file))
+    assert t.step == 34  # autoencoder steps 31 and 32, then one latent step
+    theirs, _ = load_weights(model_file)
+    ours, _ = load_weights(tmp_path / "more" / CHECKPOINT)
+    assert not torch.equal(theirs["encoder.proj.weight"], ours["encoder.proj.weight"])  # the autoencoder trained
+    assert not torch.equal(theirs["latent_mean"], ours["latent_mean"])  # a new encoder, a new normalisation
+    assert read_metadata(tmp_path / "more" / "model.safetensors")["info"]["surface"]["step"] == 33
+
+
+def test_box_rays_lie_in_the_grown_bounding_box_of_the_mask():
+    from holofusion.train import box_pixels
+
+    masks = torch.zeros(3, 40, 50, dtype=torch.bool)
+    masks[0, 10:20, 5:25] = True  # 10 x 20 box: grown by 1 row and 2 columns on each side
+    masks[1, 0:10, 40:50] = True  # at the corner: the grown box is clipped to the image
+    gen = torch.Generator().manual_seed(0)
+    pix = box_pixels(masks, 4000, gen)
+    y, x = pix // 50, pix % 50
+    assert y[0].min() == 9 and y[0].max() == 20 and x[0].min() == 3 and x[0].max() == 26
+    assert y[1].min() == 0 and y[1].max() == 10 and x[1].min() == 39 and x[1].max() == 49
+    assert y[2].min() == 0 and y[2].max() == 39 and x[2].min() == 0 and x[2].max() == 49  # empty: whole image
+    # uniform over the box: each half of the first box gets about half of the rays
+    assert abs(float((x[0] < 15).float().mean()) - 0.5) < 0.05

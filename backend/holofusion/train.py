@@ -60,6 +60,10 @@ class TrainConfig(DictConfig):
     """Rays rendered per target view."""
     object_ray_fraction: float = 0.5
     """Share of each target's rays drawn from the object's mask (the rest uniformly over the image)."""
+    box_ray_fraction: float = 0.0
+    """Share of each target's rays drawn uniformly from the object's bounding box in that view (the mask's, grown
+    by a tenth on each side): where holes and gaps between parts are. Seen through, they are a percent or two of a
+    whole image, too few for the mask loss to clear the density a coarse grid leaves in them (a donut's hole)."""
     batch_scenes: int = 4
     """Objects per micro-batch in the photometric phases."""
     micro_batches: int = 1
@@ -129,6 +133,29 @@ class TrainConfig(DictConfig):
 
     def phase_start(self, phase: str) -> int:
         return {"autoencoder": 0, "latent": self.ae_steps, "bootstrap": self.ae_steps + self.latent_steps}[phase]
+
+
+def box_pixels(masks: Tensor, count: int, gen: torch.Generator, grow: float = 0.1) -> Tensor:
+    """``count`` flat pixel indices per view drawn uniformly from the bounding box of each mask (n, H, W), grown by
+    ``grow`` of its size on each side and clipped to the image; an empty mask's box is the whole image."""
+    n, h, w = masks.shape
+
+    def extent(hit: Tensor, size: int) -> tuple[Tensor, Tensor]:
+        idx = torch.arange(size)
+        lo = torch.where(hit, idx, size).min(1).values
+        hi = torch.where(hit, idx, -1).max(1).values
+        empty = ~hit.any(1)
+        lo, hi = torch.where(empty, 0, lo), torch.where(empty, size - 1, hi)
+        pad = ((hi - lo + 1).float() * grow).round().long()
+        return (lo - pad).clamp(0, size - 1), (hi + pad).clamp(0, size - 1)
+
+    y0, y1 = extent(masks.any(2), h)
+    x0, x1 = extent(masks.any(1), w)
+    u = torch.rand(n, count, 2, generator=gen)
+    x = x0[:, None] + (u[..., 0] * (x1 - x0 + 1)[:, None]).long()
+    y = y0[:, None] + (u[..., 1] * (y1 - y0 + 1)[:, None]).long()
+    x, y = torch.minimum(x, x1[:, None]), torch.minimum(y, y1[:, None])
+    return y * w + x
 
 
 def step_generator(seed: int, step: int, micro: int, salt: int = 0) -> torch.Generator:
@@ -233,14 +260,18 @@ class Trainer(RunLoop):
         return images, cams, targets, self.model.category_index(cats, len(cats))
 
     def _rays(self, images: Tensor, masks: Tensor, cams: PerspectiveCamera, gen: torch.Generator) -> Targets:
-        """Random pixels of each target view, ``object_ray_fraction`` of them inside the mask."""
+        """Random pixels of each target view: ``object_ray_fraction`` of them inside the mask,
+        ``box_ray_fraction`` inside the mask's bounding box, the rest anywhere."""
         n, _, h, w = images.shape
         r = self.cfg.rays_per_target
         n_obj = int(round(r * self.cfg.object_ray_fraction))
+        n_box = min(int(round(r * self.cfg.box_ray_fraction)), r - n_obj)
         flat_mask = (masks.reshape(n, -1) > 0.5).float() + 1e-6  # never all zero
-        obj = torch.multinomial(flat_mask, n_obj, replacement=True, generator=gen)
-        uni = torch.randint(0, h * w, (n, r - n_obj), generator=gen)
-        pix = torch.cat([obj, uni], 1)  # (n, r)
+        parts = [torch.multinomial(flat_mask, n_obj, replacement=True, generator=gen)]
+        if n_box:  # drawn only when asked for, so that runs without box rays keep their random stream
+            parts.append(box_pixels(masks.reshape(n, h, w) > 0.5, n_box, gen))
+        parts.append(torch.randint(0, h * w, (n, r - n_obj - n_box), generator=gen))
+        pix = torch.cat(parts, 1)  # (n, r)
         xy = torch.stack([(pix % w).float() + 0.5, (pix // w).float() + 0.5], -1)
         rgb = torch.gather(images.reshape(n, 3, -1), 2, pix[:, None].expand(-1, 3, -1)).transpose(1, 2)
         mask = torch.gather(masks.reshape(n, -1), 1, pix)
@@ -406,9 +437,10 @@ class Trainer(RunLoop):
         can then be compared with the old one on the same latent space without repeating the autoencoder phase.
 
         ``source`` may also be a HoloDiffusion model file (e.g. a shipped ``models/<name>/holodiffusion.safetensors``):
-        then every weight is taken, the denoiser's too (as the network and as its EMA), and training continues in
-        the latent phase with a fresh optimizer; the latent cache is rebuilt from the data with that encoder (the
-        same data and encoder give the same cache and normalisation)."""
+        then every weight is taken, the denoiser's too (as the network and as its EMA), and training continues at
+        the file's step with a fresh optimizer: in the latent phase the latent cache is rebuilt from the data with
+        that encoder (the same data and encoder give the same cache and normalisation); a config whose ``ae_steps``
+        exceeds the file's step trains the autoencoder on from there first."""
         if source.is_file():
             self._init_from_model(source)
             return
@@ -444,10 +476,16 @@ class Trainer(RunLoop):
                             "use the config it was trained with")
         self.model.load_state_dict(state)
         self.ema.load_state_dict(self.model.unet.state_dict())
-        self._keep_normalisation = True
-        self.surface = meta["info"].get("surface")
-        self.step = max(self.cfg.ae_steps, min(int(meta["info"].get("step", 0)),
-                                                self.cfg.ae_steps + self.cfg.latent_steps - 1))
+        step = int(meta["info"].get("step", 0))
+        if step < self.cfg.ae_steps:
+            # The config's autoencoder phase reaches beyond the file's step (an unfinished autoencoder, or one to
+            # train further with other settings): it goes on from there; the latent normalisation and the surface
+            # level are measured again when it ends, and the denoiser that came with the file is a warm start.
+            self.step = step
+        else:
+            self._keep_normalisation = True
+            self.surface = meta["info"].get("surface")
+            self.step = min(step, self.cfg.ae_steps + self.cfg.latent_steps - 1)
         if self.rank == 0:
             (self.out / "init_from.json").write_text(json.dumps({"source": str(source), "step": meta["info"]["step"],
                                                                 "weights": "all"}))
