@@ -108,8 +108,9 @@ def _add_train(sub) -> None:
     h.add_argument("--init-from", default=None, metavar="RUN_OR_MODEL",
                    help="a run folder: start from its trained autoencoder and latent cache (skips the autoencoder "
                         "phase; encoder, decoder and grid settings must match); or a HoloDiffusion model file "
-                        "(e.g. models/apple/holodiffusion.safetensors): continue training all its weights in the "
-                        "latent phase, with a fresh optimizer")
+                        "(e.g. models/apple/holodiffusion.safetensors): continue training all its weights from its "
+                        "step, with a fresh optimizer (in the latent phase, or first in the autoencoder phase if "
+                        "the config's ae_steps reach past that step)")
     h.set_defaults(func=_cmd_train_holodiffusion)
     r = tsub.add_parser("superres", help="train the 2D super-resolution model on a trained HoloDiffusion model",
                         description="Train HoloFusion's super-resolution diffusion model: it learns to turn "
