@@ -308,3 +308,24 @@ def test_ddim_with_eta_one_is_stochastic_and_reproducible():
     assert torch.equal(a, b)
     assert not torch.allclose(a, sample_ddim(den, x_T, sch, 50))
     assert abs(float(a.mean()) - MU) < 0.05 and abs(float(a.std()) - S) < 0.1 * S
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_fresh_noise_of_stochastic_samplers_goes_through_shape_noise(sampler):
+    """A model whose forward process noises some channels object-wide must get fresh noise of that structure in
+    every stochastic step: here a shaper that removes the noise altogether makes the result independent of the
+    generators, which it is not without the shaper."""
+    sch = NoiseSchedule()
+    den = gaussian_denoiser(sch)
+    x_T = toy_noise()
+
+    def run(seeds, shaper):
+        if sampler == "ancestral":
+            return sample_ancestral(den, x_T, sch, 40, generators(seeds), shape_noise=shaper)
+        return sample_ddim(den, x_T, sch, 40, generators(seeds), eta=1.0, shape_noise=shaper)
+
+    assert not torch.equal(run(range(8), None), run(range(50, 58), None))
+    assert torch.equal(run(range(8), torch.zeros_like), run(range(50, 58), torch.zeros_like))
+    if sampler == "ancestral":  # and sample() passes it on
+        assert torch.equal(sample(den, x_T, sch, sampler, 40, generators(range(8)), shape_noise=torch.zeros_like),
+                           run(range(50, 58), torch.zeros_like))

@@ -154,3 +154,19 @@ def test_box_rays_lie_in_the_grown_bounding_box_of_the_mask():
     assert y[2].min() == 0 and y[2].max() == 39 and x[2].min() == 0 and x[2].max() == 49  # empty: whole image
     # uniform over the box: each half of the first box gets about half of the rays
     assert abs(float((x[0] < 15).float().mean()) - 0.5) < 0.05
+
+
+def test_init_from_a_model_file_may_change_the_noise_of_the_global_code(source_run, tmp_path):
+    """A denoiser trained with voxel noise on the global code (older model files) continues with object noise."""
+    from holofusion.weights import read_metadata
+
+    data, src = source_run
+    old = tmp_path / "voxel.json"
+    old.write_text(json.dumps({"base": "tiny", "model": {"global_noise": "voxel"}}))
+    train_holodiffusion(str(data), "apple", str(old), str(tmp_path / "v"), max_steps=32, progress=False,
+                        init_from=str(src))
+    assert read_metadata(tmp_path / "v" / "model.safetensors")["config"]["global_noise"] == "voxel"
+    t = train_holodiffusion(str(data), "apple", "tiny", str(tmp_path / "o"), max_steps=33, progress=False,
+                            init_from=str(tmp_path / "v" / "model.safetensors"))
+    assert t.step == 33 and t.model.config.global_noise == "object"
+    assert read_metadata(tmp_path / "o" / "model.safetensors")["config"]["global_noise"] == "object"

@@ -34,6 +34,8 @@ __all__ = [
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, int, Tensor], bool | None]
+NoiseShaper = Callable[[Tensor], Tensor]
+"""Maps standard normal noise to the structure a model's forward process uses (e.g. one value per object)."""
 SAMPLERS = ("ddim", "dpm++", "ancestral")
 
 
@@ -115,6 +117,11 @@ def per_object_noise(shape: Sequence[int], generators: Sequence[torch.Generator]
     return out.to(device=device, dtype=dtype)
 
 
+def _fresh_noise(x: Tensor, generators: Sequence[torch.Generator], shape_noise: NoiseShaper | None) -> Tensor:
+    noise = per_object_noise(x.shape, generators, x.device, x.dtype)
+    return shape_noise(noise) if shape_noise is not None else noise
+
+
 def _report(callback: StepCallback | None, i: int, total: int, x0: Tensor) -> None:
     if callback is not None and callback(i + 1, total, x0) is False:
         raise SamplingCancelled(f"sampling stopped by the callback after step {i + 1} of {total}")
@@ -127,9 +134,10 @@ def _t(step: int, x: Tensor) -> Tensor:
 @torch.no_grad()
 def sample_ddim(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: int = 25,
                 generators: Sequence[torch.Generator] | None = None, callback: StepCallback | None = None,
-                eta: float = 0.0, start: int | None = None) -> Tensor:
+                eta: float = 0.0, start: int | None = None, shape_noise: NoiseShaper | None = None) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12). ``eta = 0`` is deterministic; ``eta > 0`` needs ``generators``.
-    ``start``: x is a sample at that step rather than pure noise (see ``NoiseSchedule.timesteps``)."""
+    ``start``: x is a sample at that step rather than pure noise (see ``NoiseSchedule.timesteps``).
+    ``shape_noise`` maps each fresh standard normal draw to the noise the model was trained with."""
     ts = schedule.timesteps(steps, start)
     abar = schedule.alphas_cumprod
     for i, t in enumerate(ts):
@@ -142,7 +150,7 @@ def sample_ddim(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: in
         if eta > 0 and i + 1 < len(ts):
             if generators is None:
                 raise ValueError("DDIM with eta > 0 draws noise: pass one generator per object")
-            x = x + sig.to(x.dtype) * per_object_noise(x.shape, generators, x.device, x.dtype)
+            x = x + sig.to(x.dtype) * _fresh_noise(x, generators, shape_noise)
         _report(callback, i, len(ts), x0)
     return x
 
@@ -183,7 +191,8 @@ def sample_dpmpp_2m(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps
 @torch.no_grad()
 def sample_ancestral(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: int | None = None,
                      generators: Sequence[torch.Generator] | None = None,
-                     callback: StepCallback | None = None, start: int | None = None) -> Tensor:
+                     callback: StepCallback | None = None, start: int | None = None,
+                     shape_noise: NoiseShaper | None = None) -> Tensor:
     """The DDPM ancestral sampler (Ho et al. 2020, Algorithm 2) with the posterior mean computed from x0_hat.
 
     With ``steps`` = T (the default) this is the reference 1000-step sampler of the original HoloDiffusion release;
@@ -204,21 +213,23 @@ def sample_ancestral(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, step
             c0 = (a_s.sqrt() * beta / (1 - a_t)).to(x.dtype)
             ct = ((1 - beta).sqrt() * (1 - a_s) / (1 - a_t)).to(x.dtype)
             var = (beta * (1 - a_s) / (1 - a_t)).clamp_min(1e-20)
-            x = c0 * x0 + ct * x + var.sqrt().to(x.dtype) * per_object_noise(x.shape, generators, x.device, x.dtype)
+            x = c0 * x0 + ct * x + var.sqrt().to(x.dtype) * _fresh_noise(x, generators, shape_noise)
         _report(callback, i, len(ts), x0)
     return x
 
 
 def sample(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, sampler: str = "dpm++", steps: int = 20,
            generators: Sequence[torch.Generator] | None = None, callback: StepCallback | None = None,
-           start: int | None = None) -> Tensor:
+           start: int | None = None, shape_noise: NoiseShaper | None = None) -> Tensor:
     """Runs the named sampler: "ddim" (10-50 steps), "dpm++" (DPM-Solver++(2M), 10-25 steps) or "ancestral".
 
-    ``start``: x is a noised sample at that step (SDEdit) rather than pure noise at T-1."""
+    ``start``: x is a noised sample at that step (SDEdit) rather than pure noise at T-1. ``shape_noise``: see
+    ``sample_ddim`` (the caller shapes the initial x itself)."""
     if sampler == "ddim":
-        return sample_ddim(denoise, x, schedule, steps, generators, callback, start=start)
+        return sample_ddim(denoise, x, schedule, steps, generators, callback, start=start, shape_noise=shape_noise)
     if sampler == "dpm++":
         return sample_dpmpp_2m(denoise, x, schedule, steps, generators, callback, start=start)
     if sampler == "ancestral":
-        return sample_ancestral(denoise, x, schedule, steps, generators, callback, start=start)
+        return sample_ancestral(denoise, x, schedule, steps, generators, callback, start=start,
+                                shape_noise=shape_noise)
     raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")

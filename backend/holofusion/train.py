@@ -450,7 +450,8 @@ class Trainer(RunLoop):
         state, meta = load_weights(path, self.device)
         theirs, ours = dict(meta["config"]["model"]), self.model_config.to_dict()
         for cfg in (theirs, ours):
-            cfg.pop("unet", None)
+            for key in DENOISER_ONLY:
+                cfg.pop(key, None)
         if theirs != ours:
             diff = sorted(k for k in ours if theirs.get(k) != ours[k])
             raise UserError(f"--init-from: {str(source)!r} has a different encoder/decoder/grid ({', '.join(diff)})")
@@ -469,9 +470,12 @@ class Trainer(RunLoop):
         state, meta = load_weights(source, self.device)
         if meta["kind"] != "holodiffusion":
             raise UserError(f"--init-from: {str(source)!r} holds a {meta['kind']!r} model, not a HoloDiffusion model")
-        if meta["config"] != self.model_config.to_dict():
-            ours = self.model_config.to_dict()
-            diff = sorted(k for k in ours if meta["config"].get(k) != ours[k])
+        # The diffusion's noise structure may change (the weights fit either; the denoiser then adapts to it).
+        theirs = HoloDiffusionConfig.from_dict(meta["config"]).to_dict()
+        ours = self.model_config.to_dict()
+        theirs["global_noise"] = ours["global_noise"]
+        if theirs != ours:
+            diff = sorted(k for k in ours if theirs.get(k) != ours[k])
             raise UserError(f"--init-from: {str(source)!r} was built with other model settings ({', '.join(diff)}); "
                             "use the config it was trained with")
         self.model.load_state_dict(state)
@@ -558,6 +562,10 @@ class Trainer(RunLoop):
             alphas.append(f.mask.reshape(-1))
         return _spread(torch.stack(rgbs), torch.stack(alphas))
 
+
+DENOISER_ONLY = ("unet", "global_noise", "cfg_drop")
+"""Model settings of the denoiser alone: a run branched from another run's autoencoder (--init-from) may change
+them."""
 
 SCHEDULE_KEYS = ("ae_steps", "latent_steps", "bootstrap_steps", "log_every", "checkpoint_every", "sample_every")
 """What a resumed run may change (train a phase longer or shorter): never a boundary it has already crossed."""
