@@ -372,6 +372,18 @@ def test_sample_cli_writes_grids_and_turntables_deterministically(run_dir, tmp_p
     info = meta["info"]
     assert (info["seed"], info["steps"], info["sampler"], info["category"]) == (6, 2, "dpm++", "donut")
     assert info["box_min"] == [-3.5] * 3 and info["box_max"] == [3.5] * 3 and info["model"] == str(run_dir.resolve())
+    assert not (tmp_path / "a" / "donut_sheet.png").exists()  # only when asked for
+
+
+def test_sample_cli_sheet_puts_every_seed_in_one_picture(run_dir, tmp_path, capsys):
+    from PIL import Image
+
+    args = ["sample", "--model", run_dir, "--category", "donut", "--steps", "2", "--views", "2", "--size", "16"]
+    code, out, _ = run_cli(capsys, *args, "--count", "5", "--sheet", "--out", tmp_path / "s")
+    sheet = tmp_path / "s" / "donut_sheet.png"
+    assert code == 0 and sheet.is_file() and str(sheet) in out
+    # four seeds to a row (each 2 views of 16 px and a 4 px gap), two rows under a 16 px title
+    assert Image.open(sheet).size == (4 * (2 * 16 + 4) + 4, 16 + 2 * (16 + 4) + 4)
 
 
 def test_evaluate_cli_writes_all_metrics(run_dir, dataset, tmp_path, capsys):

@@ -176,6 +176,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--size", type=_positive_int("--size"), default=128, help="turntable view size in pixels "
                                                                              "(default: 128)")
     p.add_argument("--out", required=True, help="folder to write into (created if missing)")
+    p.add_argument("--sheet", action="store_true",
+                   help="also write <category>_sheet.png: every seed's turntable in one picture, four to a row")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.set_defaults(func=_cmd_sample)
 
@@ -184,7 +186,7 @@ def _cmd_sample(args) -> int:
     from .evaluate import write_samples
 
     paths = write_samples(args.model, args.out, args.category, args.seed, args.count, args.steps, args.sampler,
-                          args.views, args.size, args.device)
+                          args.views, args.size, args.device, sheet=args.sheet)
     for path in paths:
         print(f"wrote {path}")
     return 0

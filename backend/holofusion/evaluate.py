@@ -708,8 +708,9 @@ def check_inception(path: str | None) -> None:
 
 def write_samples(model_path: str, out: str | Path, category: str | None = None, seed: int = 0, count: int = 1,
                   steps: int = 25, sampler: str = "dpm++", views: int = 8, size: int = 128, device: str = "cpu",
-                  progress: bool = True) -> list[Path]:
-    """The ``holofusion sample`` command: per seed, ``<category>_<seed>.safetensors`` and ``<category>_<seed>.png``.
+                  progress: bool = True, sheet: bool = False) -> list[Path]:
+    """The ``holofusion sample`` command: per seed, ``<category>_<seed>.safetensors`` and ``<category>_<seed>.png``;
+    with ``sheet``, also ``<category>_sheet.png``: every seed's turntable in one picture, four seeds to a row.
 
     The safetensors file holds ``latent`` (normalised, (C, S, S, S)) and ``features`` (denormalised encoder space,
     what the decoder reads), with the model's config and {model, seed, steps, sampler, category, box} in its
@@ -731,6 +732,7 @@ def write_samples(model_path: str, out: str | Path, category: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     h = model.config.box_half_size
     written: list[Path] = []
+    strips: list[Tensor] = []
     bar = tqdm(total=count * steps, desc="sampling", unit="step", disable=not progress)
     for s in range(seed, seed + count):
         x = model.sample([s], cond, steps=steps, sampler=sampler, callback=lambda *_: bar.update(1))
@@ -743,7 +745,16 @@ def write_samples(model_path: str, out: str | Path, category: str | None = None,
         png = out / f"{name}_{s}.png"
         sample_sheet(rgb, png, per_row=1)
         written += [path, png]
+        if sheet:
+            strips.append(rgb)
     bar.close()
+    if sheet:
+        step = model.info.get("step")
+        trained = f" (step {step:,})" if isinstance(step, int) else ""
+        seeds = f"seed {seed}" if count == 1 else f"seeds {seed}-{seed + count - 1}"
+        title = f"{name}{trained}: {seeds}, {views} views each ({sampler}, {steps} steps)"
+        sample_sheet(torch.cat(strips), out / f"{name}_sheet.png", title=title, per_row=min(4, count))
+        written.append(out / f"{name}_sheet.png")
     return written
 
 
