@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     own = coloured[:n, n:].argmin(dim=1) == torch.arange(n)
     report["own_object_nearest"] = float(own.float().mean())
     ok = ~recon.empty
-    ratio = [rms_radius(ColouredPoints(recon.points[j:j + 1], recon.colours[j:j + 1], recon.empty[j:j + 1])) /
-             rms_radius(ColouredPoints(refs.points[j:j + 1], refs.colours[j:j + 1], refs.empty[j:j + 1]))
-             for j in range(n) if ok[j]]
+    ratio = [rms_radius(recon[j:j + 1]) / rms_radius(refs[j:j + 1]) for j in range(n) if ok[j]]
     report["radius_ratio"] = sum(ratio) / max(len(ratio), 1)
 
     print(f"{name}: reconstructions of {n} {split} objects from {args.views} views each, surface level "
@@ -101,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.against:
         others, other_split, _, _, _ = reference_points(args.against, name, args.points)
         m = min(n, len(others))
-        others = ColouredPoints(others.points[:m], others.colours[:m], others.empty[:m])
-        sub = ColouredPoints(recon.points[:m], recon.colours[:m], recon.empty[:m])
+        others, sub = others[:m], recon[:m]
         coloured, geometry = chamfer_matrix(ColouredPoints.cat([sub, others]), None, w)
         report["unpaired"] = {"data": str(Path(args.against).resolve()), "objects": m, "split": other_split}
         print(f"unpaired: {m} reconstructions against {m} other {other_split} objects of {args.against}")

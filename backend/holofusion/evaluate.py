@@ -151,6 +151,10 @@ class ColouredPoints:
     def __len__(self) -> int:
         return self.points.shape[0]
 
+    def __getitem__(self, idx: slice) -> ColouredPoints:
+        """The point sets ``idx`` selects (a slice keeps the batch dimension)."""
+        return ColouredPoints(self.points[idx], self.colours[idx], self.empty[idx])
+
     @staticmethod
     def cat(parts: Sequence[ColouredPoints]) -> ColouredPoints:
         return ColouredPoints(torch.cat([p.points for p in parts]), torch.cat([p.colours for p in parts]),
