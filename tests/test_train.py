@@ -170,3 +170,26 @@ def test_init_from_a_model_file_may_change_the_noise_of_the_global_code(source_r
                             init_from=str(tmp_path / "v" / "model.safetensors"))
     assert t.step == 33 and t.model.config.global_noise == "object"
     assert read_metadata(tmp_path / "o" / "model.safetensors")["config"]["global_noise"] == "object"
+
+
+def test_latent_cooldown_decays_the_rate_linearly_to_zero_and_a_resume_may_add_it(source_run, tmp_path):
+    """latent_cooldown_steps: the last N latent steps decay latent_lr linearly to zero; before them the rate is
+    latent_lr (after the warm-up); a resumed run may add a cool-down to its schedule."""
+    from holofusion.train import Trainer
+
+    data, src = source_run
+    run = tmp_path / "cool"
+    shutil.copytree(src, run)
+    cfg = tmp_path / "cool.json"
+    cfg.write_text(json.dumps({"base": "tiny", "train": {"latent_steps": 20, "latent_cooldown_steps": 8}}))
+    t = Trainer(str(data), ["apple"], json.loads(cfg.read_text()), str(run), resume=True, progress=False)
+    assert t.cfg.latent_cooldown_steps == 8 and t.cfg.latent_steps == 20
+    lr = t.cfg.latent_lr
+    rates = {}
+    for step in (35, 41, 42, 45, 49):  # the latent phase runs from step 30 to 49 (warm-up: 5 steps)
+        t._set_lr("latent", step)
+        rates[step] = t.opt.param_groups[1]["lr"]
+    assert rates[35] == rates[41] == pytest.approx(lr)  # constant until 8 steps before the end (42)
+    assert rates[42] == pytest.approx(lr * 8 / 8) and rates[45] == pytest.approx(lr * 5 / 8)
+    assert rates[49] == pytest.approx(lr / 8)  # the last step still moves the weights
+    assert t.opt.param_groups[0]["lr"] == 0  # the autoencoder stays frozen

@@ -98,8 +98,9 @@ def _add_train(sub) -> None:
     h.add_argument("--categories", required=True, help="comma-separated categories, e.g. apple,donut")
     h.add_argument("--config", default=None, help="built-in config (tiny, cpu, paper) or a JSON file (default: cpu); "
                                                   "with --resume, only its schedule (ae_steps, latent_steps, "
-                                                  "bootstrap_steps, log/checkpoint/sample cadence) is taken, to train "
-                                                  "a phase the run has not finished longer or shorter")
+                                                  "bootstrap_steps, latent_cooldown_steps, log/checkpoint/sample "
+                                                  "cadence) is taken, to train a phase the run has not finished "
+                                                  "longer or shorter, or to end it with a learning-rate cool-down")
     h.add_argument("--out", required=True, help="run folder for checkpoints, curves and sample sheets")
     h.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     h.add_argument("--max-steps", type=_positive_int("--max-steps"), default=None,

@@ -78,6 +78,10 @@ class TrainConfig(DictConfig):
     """Learning rate of the autoencoder phase."""
     latent_lr: float = 2e-4
     """Learning rate of the U-Net in the latent phase."""
+    latent_cooldown_steps: int = 0
+    """The last this many latent steps decay the learning rate linearly to zero (0: constant to the end). At a
+    constant rate Adam leaves the weights jittering around the optimum and the short EMA keeps some of it; a
+    cool-down settles them (the warm-up/stable/decay schedule), and a run extended with --resume may add one."""
     bootstrap_lr: float = 5e-5
     """Learning rate of everything in the bootstrap phase."""
     warmup_steps: int = 200
@@ -332,6 +336,9 @@ class Trainer(RunLoop):
         warm = min(1.0, (step - cfg.phase_start(phase) + 1) / max(1, cfg.warmup_steps))
         lrs = {"autoencoder": (cfg.lr, 0.0), "latent": (0.0, cfg.latent_lr),
                "bootstrap": (cfg.bootstrap_lr, cfg.bootstrap_lr)}[phase]
+        if phase == "latent" and cfg.latent_cooldown_steps > 0:
+            left = cfg.phase_start("latent") + cfg.latent_steps - step
+            warm *= min(1.0, left / cfg.latent_cooldown_steps)
         for group, lr in zip(self.opt.param_groups, lrs):
             group["lr"] = lr * warm
 
@@ -567,7 +574,8 @@ DENOISER_ONLY = ("unet", "global_noise", "cfg_drop")
 """Model settings of the denoiser alone: a run branched from another run's autoencoder (--init-from) may change
 them."""
 
-SCHEDULE_KEYS = ("ae_steps", "latent_steps", "bootstrap_steps", "log_every", "checkpoint_every", "sample_every")
+SCHEDULE_KEYS = ("ae_steps", "latent_steps", "bootstrap_steps", "latent_cooldown_steps", "log_every", "checkpoint_every",
+                 "sample_every")
 """What a resumed run may change (train a phase longer or shorter): never a boundary it has already crossed."""
 
 
