@@ -505,3 +505,37 @@ def test_bad_inputs_exit_2_with_one_line(case, run_dir, dataset, tmp_path, capsy
         code, _, err = run_cli(capsys, "sample", "--model", model, "--category", category, "--out", tmp_path / "s")
         assert code == 2 and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "s").exists()
+
+
+def test_evaluate_a_preset_measures_the_distilled_objects(tiny_models, tmp_path, capsys, one_thread):
+    """--preset standard runs the whole pipeline per seed and measures the surface of the distilled grid (what a
+    user's mesh is cut from), not the coarse sample; a folder without a super-resolution model is refused."""
+    from holofusion.evaluate import SurfaceConfig, opacity_length_of, reference_points, surface_points
+    from holofusion.pipeline import HoloFusionPipeline
+
+    pipe_dir, data = tiny_models["pipeline"], tiny_models["data"]
+    args = ["--data", data, "--samples", "1", "--seed", "3", "--points", "64", "--lattice", "16"]
+    code, text, _ = run_cli(capsys, "evaluate", "--model", pipe_dir, "--preset", "standard", *args,
+                            "--out", tmp_path / "std.json")
+    assert code == 0, text
+    std = json.loads((tmp_path / "std.json").read_text())
+    assert std["preset"] == "standard" and std["steps"] == 25 and "standard preset" in text
+    assert std["references"] == 1 and (tmp_path / "std_samples.png").is_file()
+
+    # The distilled surface of seed 3, extracted by hand: its Chamfer distance to the one reference is the MMD.
+    pipe = HoloFusionPipeline.from_pretrained(str(pipe_dir))
+    cfg = SurfaceConfig(lattice=16, points=64, opacity_length=opacity_length_of(pipe.hd))
+    mine = surface_points(*pipe(3, None, "standard").field(), "softplus", cfg, [torch.Generator().manual_seed(3)])
+    refs = reference_points(data, "apple", 64)[0]
+    d = torch.cdist(mine.points[0], refs.points[0]).pow(2)
+    assert std["geometry"]["mmd"] == pytest.approx(float(d.min(1).values.mean() + d.min(0).values.mean()), rel=1e-4)
+    code, _, _ = run_cli(capsys, "evaluate", "--model", pipe_dir / "holodiffusion.safetensors", *args,
+                         "--out", tmp_path / "draft.json")
+    draft = json.loads((tmp_path / "draft.json").read_text())
+    assert code == 0 and draft["preset"] == "draft" and draft["geometry"]["mmd"] != std["geometry"]["mmd"]
+
+    alone = tmp_path / "coarse_only"
+    alone.mkdir()
+    shutil.copy(pipe_dir / "holodiffusion.safetensors", alone)
+    code, _, err = run_cli(capsys, "evaluate", "--model", alone, "--preset", "standard", *args)
+    assert code == 2 and "superres.safetensors" in err and "--preset draft" in err

@@ -233,13 +233,20 @@ def _add_evaluate(sub) -> None:
                                    "distance, and the diversity ratio. Writes the metrics JSON and a sample sheet "
                                    "PNG beside it, and prints a table. FID/KID need Inception-v3 weights, which "
                                    "this version does not support.")
-    p.add_argument("--model", required=True, help="run folder (its model.safetensors) or a .safetensors model file")
+    p.add_argument("--model", required=True,
+                   help="run folder (its model.safetensors) or a .safetensors model file; with --preset standard "
+                        "or high, a model folder holding holodiffusion.safetensors and superres.safetensors, or a "
+                        "shipped model's name")
     p.add_argument("--data", required=True, help="CO3Dv2-format dataset root holding the category")
     p.add_argument("--category", default=None,
                    help="category to evaluate (default: the model's only category; required if it has several)")
     p.add_argument("--samples", type=_positive_int("--samples"), required=True, help="objects to sample")
-    p.add_argument("--steps", type=_positive_int("--steps"), default=25, help="sampler steps (default: 25)")
-    p.add_argument("--sampler", choices=_SAMPLERS, default="dpm++", help="sampler (default: dpm++)")
+    p.add_argument("--preset", choices=("draft", "standard", "high"), default="draft",
+                   help="draft (default): the coarse samples; standard / high: the whole pipeline, super-resolution "
+                        "and distillation, measured on the distilled objects (the preset sets the sampler steps)")
+    p.add_argument("--steps", type=_positive_int("--steps"), default=25,
+                   help="sampler steps of the draft preset (default: 25)")
+    p.add_argument("--sampler", choices=_SAMPLERS, default="dpm++", help="sampler of the draft preset (default: dpm++)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample (default: 0)")
     p.add_argument("--points", type=_positive_int("--points"), default=2048,
                    help="points per surface and per reference cloud (default: 2048)")
@@ -280,7 +287,7 @@ def _cmd_evaluate(args) -> int:
                                                        min_component=0.0 if args.keep_floaters
                                                        else SurfaceConfig.min_component),
                                          args.colour_weight, device=args.device,
-                                         opacity_length=args.opacity_length)
+                                         opacity_length=args.opacity_length, preset=args.preset)
     print(format_table(report))
     print(f"wrote {path}")
     print(f"wrote {sheet}")

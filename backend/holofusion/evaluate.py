@@ -655,6 +655,22 @@ def _load_model(path: str, device: str):
     return load_holodiffusion(path, device)
 
 
+def _load_pipeline(path: str, device: str, preset: str):
+    """The ``HoloFusionPipeline`` of a model folder or shipped model name, for a preset that needs its
+    super-resolution model."""
+    from .pipeline import PRESETS, HoloFusionPipeline
+
+    if preset not in PRESETS:
+        raise UserError(f"--preset {preset!r} is unknown; choose from {', '.join(PRESETS)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    pipe = HoloFusionPipeline.from_pretrained(path, device)
+    if pipe.sr is None:
+        raise UserError(f"--preset {preset} needs a model folder that also holds superres.safetensors, and "
+                        f"{path!r} has none; use --preset draft")
+    return pipe
+
+
 def _resolve_category(model, category: str | None) -> tuple[str, str | None]:
     """(name for files, category to condition on or None)."""
     known = list(model.config.categories)
@@ -698,6 +714,19 @@ def _turntables(model, z: Tensor, views: int, size: int, framing: tuple[float, f
     cams = fly_around_cameras(views, distance, elevation, focal, (size, size)).to(model.device)
     out = model.render(z, PerspectiveCamera.stack([cams] * z.shape[0]))  # generator=None: deterministic
     return out.rgb.reshape(z.shape[0], views, size, size, 3).float().cpu()
+
+
+@torch.no_grad()
+def _field_turntable(grid: VoxelGrid, field, views: int, size: int, framing: tuple[float, float, float]) -> Tensor:
+    """Renders one grid with its field (a distilled grid: ``ExplicitField``) from ``views`` turntable cameras:
+    (V, H, W, 3) in [0, 1]."""
+    from .cameras import fly_around_cameras
+    from .render import RenderConfig, render_grid
+
+    distance, focal, elevation = framing
+    cams = fly_around_cameras(views, distance, elevation, focal, (size, size)).to(grid.device)
+    out = render_grid(grid, field, cams, RenderConfig(n_coarse=64, n_fine=32, chunk_rays=4096))
+    return out.rgb.reshape(views, size, size, 3).float().clamp(0, 1).cpu()
 
 
 def check_inception(path: str | None) -> None:
@@ -778,10 +807,16 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
                    inception: str | None = None, seed: int = 0, batch: int = 8,
                    surface: SurfaceConfig | None = None, colour_weight: float | None = None,
                    sheet_objects: int = 16, sheet_views: int = 4, sheet_size: int = 64, device: str = "cpu",
-                   progress: bool = True, opacity_length: float | None = None) -> tuple[dict[str, Any], Path, Path]:
+                   progress: bool = True, opacity_length: float | None = None,
+                   preset: str = "draft") -> tuple[dict[str, Any], Path, Path]:
     """The ``holofusion evaluate`` command: metrics of ``samples`` seeds (seed, seed + 1, ...) against the held-out
-    objects of ``category``. Writes the JSON (default ``<run>/eval_<category>.json``) and a sample sheet beside it
-    (``<json stem>_samples.png``); returns (metrics, json path, sheet path).
+    objects of ``category``. Writes the JSON (default ``<run>/eval_<category>.json``; ``eval_<category>_<preset>.json``
+    for a preset other than draft) and a sample sheet beside it (``<json stem>_samples.png``); returns (metrics,
+    json path, sheet path).
+
+    ``preset`` "draft" measures the coarse samples of a HoloDiffusion model (``steps`` and ``sampler`` apply);
+    "standard" and "high" run the whole ``HoloFusionPipeline`` of a model folder that also holds a super-resolution
+    model and measure the distilled objects, the surfaces a user's meshes are cut from (the preset sets the steps).
 
     The surface level is ``opacity_length`` when given, else the model's calibrated one (``opacity_length_of``);
     ``surface`` sets the rest of the surface extraction (its own ``opacity_length`` is not used)."""
@@ -797,7 +832,8 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
     root = Path(data)
     if category is not None:
         _check_category_in_data(root, category)
-    model = _load_model(model_path, device)
+    pipe = _load_pipeline(model_path, device, preset) if preset != "draft" else None
+    model = pipe.hd if pipe is not None else _load_model(model_path, device)
     name, cond = _resolve_category(model, category)
     if category is None:
         _check_category_in_data(root, name)
@@ -809,21 +845,36 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
     refs, split, note, ref_coloured, ref_names = reference_points(root, name, points)
 
     seeds = list(range(seed, seed + samples))
-    zs, sets = [], []
-    bar = tqdm(total=samples * steps, desc="sampling", unit="step", disable=not progress)
-    for start in range(0, samples, batch):
-        chunk = seeds[start:start + batch]
-        x = model.sample(chunk, cond, steps=steps, sampler=sampler, callback=lambda *_: bar.update(len(chunk)))
-        zs.append(model.denormalize(x))
-    bar.close()
-    z = torch.cat(zs)
-    bar = tqdm(total=samples, desc="surfaces", unit="obj", disable=not progress)
-    for start in range(0, samples, batch):
-        chunk = seeds[start:start + batch]
-        gens = [torch.Generator().manual_seed(s) for s in chunk]
-        sets.append(model_surface_points(model, z[start:start + len(chunk)], scfg, gens))
-        bar.update(len(chunk))
-    bar.close()
+    framing = turntable_settings(model_path)
+    k = min(sheet_objects, samples)
+    if pipe is None:
+        zs, sets = [], []
+        bar = tqdm(total=samples * steps, desc="sampling", unit="step", disable=not progress)
+        for start in range(0, samples, batch):
+            chunk = seeds[start:start + batch]
+            x = model.sample(chunk, cond, steps=steps, sampler=sampler, callback=lambda *_: bar.update(len(chunk)))
+            zs.append(model.denormalize(x))
+        bar.close()
+        z = torch.cat(zs)
+        bar = tqdm(total=samples, desc="surfaces", unit="obj", disable=not progress)
+        for start in range(0, samples, batch):
+            chunk = seeds[start:start + batch]
+            gens = [torch.Generator().manual_seed(s) for s in chunk]
+            sets.append(model_surface_points(model, z[start:start + len(chunk)], scfg, gens))
+            bar.update(len(chunk))
+        bar.close()
+        sheet_rgb = _turntables(model, z[:k], sheet_views, sheet_size, framing)
+    else:
+        from .pipeline import PRESETS
+
+        steps, sampler = PRESETS[preset].coarse_steps, "dpm++"
+        sets, strips = [], []
+        for s in tqdm(seeds, desc=f"{preset} preset", unit="obj", disable=not progress):
+            grid, decoder = pipe(s, cond, preset).field()  # the distilled grid and its explicit field
+            sets.append(surface_points(grid, decoder, "softplus", scfg, [torch.Generator().manual_seed(s)]))
+            if len(strips) < k:
+                strips.append(_field_turntable(grid, decoder, sheet_views, sheet_size, framing))
+        sheet_rgb = torch.stack(strips)
     gen_sets = ColouredPoints.cat(sets)
 
     w = colour_weight if colour_weight is not None else colour_weight_for(refs)
@@ -841,18 +892,17 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
     if n_empty:
         notes.append(f"{n_empty} of {n} samples have no surface at the level (empty): they count as infinitely far")
 
+    stem = f"eval_{name}" if preset == "draft" else f"eval_{name}_{preset}"
     out_path = Path(out) if out is not None else \
-        (Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent) / f"eval_{name}.json"
+        (Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent) / f"{stem}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     sheet_path = out_path.with_name(f"{out_path.stem}_samples.png")
-    k = min(sheet_objects, n)
-    rgb = _turntables(model, z[:k], sheet_views, sheet_size, turntable_settings(model_path))
-    sample_sheet(rgb, sheet_path, title=f"{name}: seeds {seed}..{seed + k - 1}")
+    sample_sheet(sheet_rgb, sheet_path, title=f"{name} ({preset}): seeds {seed}..{seed + k - 1}")
 
     report = {
         "model": str(Path(model_path).resolve()), "data": str(root.resolve()), "category": name,
         "reference_split": split, "references": len(refs), "reference_sequences": ref_names,
-        "samples": n, "seed": seed, "steps": steps, "sampler": sampler, "points": points,
+        "preset": preset, "samples": n, "seed": seed, "steps": steps, "sampler": sampler, "points": points,
         "empty_samples": n_empty, "colour_weight": w,
         "colour_weight_rule": "given (--colour-weight)" if colour_weight is not None else
                               "balanced: colour and shape differences between the references weigh the same",
@@ -880,7 +930,8 @@ def format_table(report: dict[str, Any]) -> str:
             return "-"
         return f"{100 * v:.1f}%" if pct else f"{v:.4g}"
 
-    lines = [f"{report['category']}: {report['samples']} samples ({report['empty_samples']} empty) vs "
+    lines = [f"{report['category']} ({report.get('preset', 'draft')} preset): {report['samples']} samples "
+             f"({report['empty_samples']} empty) vs "
              f"{report['references']} {report['reference_split']} objects, {report['points']} points, "
              f"colour weight {f(report['colour_weight'])}",
              f"{'distance':<10} {'COV':>7} {'MMD':>10} {'1-NNA':>7} {'diversity':>10}"]
