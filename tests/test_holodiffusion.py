@@ -406,6 +406,35 @@ def test_object_noise_gives_the_global_code_the_signal_to_noise_of_one_voxel():
         HoloDiffusionConfig.from_dict({**tiny_config()["model"], "global_noise": "grid"})
 
 
+def test_offset_noise_gives_each_object_a_mean_of_the_set_size_and_keeps_unit_variance():
+    """offset_noise = c adds c times one N(0, 1) value per object and local channel to the white noise (made from
+    its voxel mean, no new random numbers) and rescales to unit variance per voxel: the object's mean noise has std
+    (1 + c S^1.5) / S^1.5 / sqrt(1 + 2c S^-1.5 + c^2) instead of S^-1.5; the global channels are left to
+    global_noise; 0 (model files from before it) leaves the local noise as drawn."""
+    base = tiny_config()["model"]
+    assert HoloDiffusionConfig.from_dict(base).offset_noise == 0.0
+    c = 0.5
+    model = HoloDiffusion(HoloDiffusionConfig.from_dict({**base, "offset_noise": c}))
+    g = model.config.encoder.global_slice()
+    raw = torch.randn((600, 8, 8, 8, 8), generator=torch.Generator().manual_seed(0))
+    shaped = model.shape_noise(raw)
+    loc = shaped[:, :g.start]
+    assert abs(float(loc.var()) - 1) < 0.02
+    root = 8 ** 1.5
+    want = (1 + c * root) / root / (1 + 2 * c / root + c * c) ** 0.5
+    got = float(loc.mean(dim=(2, 3, 4)).std())
+    assert abs(got - want) < 0.05 * want and got > 5 / root  # far above white noise's 1/root
+    # Deviations from the object's mean are the drawn ones, scaled: the offset adds no other structure.
+    dev_raw = raw[:, :g.start] - raw[:, :g.start].mean(dim=(2, 3, 4), keepdim=True)
+    dev = loc - loc.mean(dim=(2, 3, 4), keepdim=True)
+    assert torch.allclose(dev, dev_raw / (1 + 2 * c / root + c * c) ** 0.5, atol=1e-5)
+    assert torch.equal(shaped[:, g], model.shape_noise(raw)[:, g])
+    plain = HoloDiffusion(HoloDiffusionConfig.from_dict(base))
+    assert torch.equal(plain.shape_noise(raw)[:, :g.start], raw[:, :g.start])
+    with pytest.raises(ValueError, match="offset_noise"):
+        HoloDiffusionConfig.from_dict({**base, "offset_noise": -0.1})
+
+
 def test_model_files_from_before_object_noise_keep_voxel_noise(tmp_path):
     """A model file whose config has no global_noise (every file written before it existed, the shipped apple
     model's among them) was trained with voxel noise and must sample with it."""
