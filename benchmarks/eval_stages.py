@@ -7,7 +7,8 @@ For each object (seeds 1000, 1001, ...): the coarse HoloDiffusion grid; K + M vi
 distilled from the first K only. Then:
 - sharpness: mean image-gradient magnitude of the distilled renders over that of the coarse renders, at the M
   held-out views, same cameras and size (ratio > 1: sharper); beside it the held-out super-resolved views' own
-  ratio, the most a fit to such views could reach;
+  ratio, the most a fit to such views could reach; with ``--view-size N`` also both rendered at N px, the size an
+  artist views the object at (the super-resolved views exist only at the model's size);
 - consistency: PSNR of the distilled renders against the M held-out super-resolved views, which the fit never saw
   (beside it, the coarse renders' PSNR against the same views), and against the mean of ``--sr-samples`` other
   seeds' super-resolved views there (the model's expected view); beside them, one seed's view against another's,
@@ -68,6 +69,8 @@ def main() -> None:
                     help="override a DistillConfig field of the preset, e.g. --set iterations=300 --set tolerance=0")
     ap.add_argument("--first-seed", type=int, default=1000)
     ap.add_argument("--sr-strength", type=float, default=None, help="override the preset's sr_strength")
+    ap.add_argument("--view-size", type=int, default=None,
+                    help="also measure the sharpness ratio with both renders at this size (px)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pipe = HoloFusionPipeline.from_pretrained(args.model)
@@ -100,6 +103,13 @@ def main() -> None:
             c_img = render_grid(coarse, pipe.hd.decoder, held, look).rgb.permute(0, 3, 1, 2).clamp(0, 1)
             d_img = render_grid(grid, ExplicitField(), held, look).rgb.permute(0, 3, 1, 2).clamp(0, 1)
         target = views[held_idx]
+        extra = {}
+        if args.view_size:
+            big = held.resize((args.view_size, args.view_size))
+            with torch.no_grad():
+                cb = render_grid(coarse, pipe.hd.decoder, big, look).rgb.permute(0, 3, 1, 2).clamp(0, 1)
+                db = render_grid(grid, ExplicitField(), big, look).rgb.permute(0, 3, 1, 2).clamp(0, 1)
+            extra = {"sharpness_coarse_view_size": sharpness(cb), "sharpness_distilled_view_size": sharpness(db)}
         # The super-resolution model's own spread: other seeds' views at the held-out cameras. Their mean estimates
         # what a view-consistent object should agree with; one seed against another is the agreement of two samples.
         held_cond = _subset(cond, held_idx)
@@ -125,7 +135,7 @@ def main() -> None:
                      "psnr_distilled_vs_held_out_sr": psnr(d_img, target), "psnr_coarse_vs_held_out_sr":
                      psnr(c_img, target), "psnr_distilled_vs_sr_mean": psnr(d_img, sr_mean),
                      "psnr_coarse_vs_sr_mean": psnr(c_img, sr_mean), "psnr_sr_seed_vs_seed": psnr(others[0], target),
-                     "chamfer_over_size": cham / size, "distill_iterations": iterations})
+                     "chamfer_over_size": cham / size, "distill_iterations": iterations, **extra})
         print(json.dumps(rows[-1]))
         if len(tiles) < 4:
             tiles.append(torch.stack([c_img[0], target[0], d_img[0]]).permute(0, 2, 3, 1).cpu())
@@ -136,6 +146,10 @@ def main() -> None:
         if key != "seed":
             summary[key] = float(np.mean([r[key] for r in rows]))
     summary["sharpness_ratio"] = summary["sharpness_distilled"] / max(summary["sharpness_coarse"], 1e-12)
+    if args.view_size:
+        summary["view_size"] = args.view_size
+        summary["sharpness_ratio_view_size"] = summary["sharpness_distilled_view_size"] / max(
+            summary["sharpness_coarse_view_size"], 1e-12)
     # The ceiling: the super-resolved views themselves over the coarse renders.
     summary["sharpness_ratio_sr"] = summary["sharpness_held_out_sr"] / max(summary["sharpness_coarse"], 1e-12)
     for name, sets in (("coarse", coarse_sets), ("distilled", fine_sets)):

@@ -395,12 +395,16 @@ def test_object_noise_gives_the_global_code_the_signal_to_noise_of_one_voxel():
     assert g.stop > g.start
     raw = torch.randn((400, 8, 8, 8, 8), generator=torch.Generator().manual_seed(0))
     shaped = model.shape_noise(raw)
-    assert torch.equal(shaped[:, :g.start], raw[:, :g.start]) and torch.equal(shaped[:, g.stop:], raw[:, g.stop:])
+    white = HoloDiffusion(HoloDiffusionConfig.from_dict({**tiny_config()["model"], "offset_noise": 0.0}))
+    shaped_white = white.shape_noise(raw)  # the local channels' offset is offset_noise's (its own test)
+    assert torch.equal(shaped_white[:, :g.start], raw[:, :g.start]) and torch.equal(shaped[:, g.stop:], raw[:, g.stop:])
+    assert torch.equal(shaped_white[:, g], shaped[:, g])
     per_object = shaped[:, g]
     assert torch.equal(per_object, per_object[..., :1, :1, :1].expand_as(per_object))  # constant over the grid
     values = per_object[:, :, 0, 0, 0].flatten()  # 800 draws
     assert abs(float(values.mean())) < 4 / 800 ** 0.5 and abs(float(values.std()) - 1) < 4 / (2 * 800) ** 0.5
-    voxel = HoloDiffusion(HoloDiffusionConfig.from_dict({**tiny_config()["model"], "global_noise": "voxel"}))
+    voxel = HoloDiffusion(HoloDiffusionConfig.from_dict({**tiny_config()["model"], "global_noise": "voxel",
+                                                          "offset_noise": 0.0}))
     assert torch.equal(voxel.shape_noise(raw), raw)
     with pytest.raises(ValueError, match="global_noise"):
         HoloDiffusionConfig.from_dict({**tiny_config()["model"], "global_noise": "grid"})
@@ -412,7 +416,8 @@ def test_offset_noise_gives_each_object_a_mean_of_the_set_size_and_keeps_unit_va
     (1 + c S^1.5) / S^1.5 / sqrt(1 + 2c S^-1.5 + c^2) instead of S^-1.5; the global channels are left to
     global_noise; 0 (model files from before it) leaves the local noise as drawn."""
     base = tiny_config()["model"]
-    assert HoloDiffusionConfig.from_dict(base).offset_noise == 0.0
+    assert base["offset_noise"] == 0.2  # the built-in configs use it
+    assert HoloDiffusionConfig.from_dict({k: v for k, v in base.items() if k != "offset_noise"}).offset_noise == 0
     c = 0.5
     model = HoloDiffusion(HoloDiffusionConfig.from_dict({**base, "offset_noise": c}))
     g = model.config.encoder.global_slice()
@@ -429,7 +434,7 @@ def test_offset_noise_gives_each_object_a_mean_of_the_set_size_and_keeps_unit_va
     dev = loc - loc.mean(dim=(2, 3, 4), keepdim=True)
     assert torch.allclose(dev, dev_raw / (1 + 2 * c / root + c * c) ** 0.5, atol=1e-5)
     assert torch.equal(shaped[:, g], model.shape_noise(raw)[:, g])
-    plain = HoloDiffusion(HoloDiffusionConfig.from_dict(base))
+    plain = HoloDiffusion(HoloDiffusionConfig.from_dict({**base, "offset_noise": 0.0}))
     assert torch.equal(plain.shape_noise(raw)[:, :g.start], raw[:, :g.start])
     with pytest.raises(ValueError, match="offset_noise"):
         HoloDiffusionConfig.from_dict({**base, "offset_noise": -0.1})
@@ -440,9 +445,9 @@ def test_model_files_from_before_object_noise_keep_voxel_noise(tmp_path):
     model's among them) was trained with voxel noise and must sample with it."""
     model = perturbed_model()
     config = model.config.to_dict()
-    del config["global_noise"]
+    del config["global_noise"], config["offset_noise"]
     path = save_weights(tmp_path / "old.safetensors", model.state_dict(), "holodiffusion", config)
     old = load_holodiffusion(str(path))
-    assert old.config.global_noise == "voxel"
+    assert old.config.global_noise == "voxel" and old.config.offset_noise == 0.0
     raw = torch.randn((2, 8, 8, 8, 8), generator=torch.Generator().manual_seed(0))
     assert torch.equal(old.shape_noise(raw), raw)
