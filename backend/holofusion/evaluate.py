@@ -705,26 +705,31 @@ def turntable_settings(model_path: str | Path) -> tuple[float, float, float]:
     return vals
 
 
+def _turntable_cameras(views: int, size: int, framing: tuple[float, float, float], device):
+    """The ``views`` turntable cameras of sample sheets at ``size`` px, framed by (distance, focal, elevation)."""
+    from .cameras import fly_around_cameras
+
+    distance, focal, elevation = framing
+    return fly_around_cameras(views, distance, elevation, focal, (size, size)).to(device)
+
+
 @torch.no_grad()
 def _turntables(model, z: Tensor, views: int, size: int, framing: tuple[float, float, float]) -> Tensor:
     """Renders encoder-space grids z (B, C, S, S, S) from ``views`` turntable cameras: (B, V, H, W, 3) in [0, 1]."""
-    from .cameras import PerspectiveCamera, fly_around_cameras
+    from .cameras import PerspectiveCamera
 
-    distance, focal, elevation = framing
-    cams = fly_around_cameras(views, distance, elevation, focal, (size, size)).to(model.device)
+    cams = _turntable_cameras(views, size, framing, model.device)
     out = model.render(z, PerspectiveCamera.stack([cams] * z.shape[0]))  # generator=None: deterministic
     return out.rgb.reshape(z.shape[0], views, size, size, 3).float().cpu()
 
 
 @torch.no_grad()
 def _field_turntable(grid: VoxelGrid, field, views: int, size: int, framing: tuple[float, float, float]) -> Tensor:
-    """Renders one grid with its field (a distilled grid: ``ExplicitField``) from ``views`` turntable cameras:
+    """Renders one grid with its field (a distilled grid: ``ExplicitField``) from the same turntable cameras:
     (V, H, W, 3) in [0, 1]."""
-    from .cameras import fly_around_cameras
     from .render import RenderConfig, render_grid
 
-    distance, focal, elevation = framing
-    cams = fly_around_cameras(views, distance, elevation, focal, (size, size)).to(grid.device)
+    cams = _turntable_cameras(views, size, framing, grid.device)
     out = render_grid(grid, field, cams, RenderConfig(n_coarse=64, n_fine=32, chunk_rays=4096))
     return out.rgb.reshape(views, size, size, 3).float().clamp(0, 1).cpu()
 
