@@ -37,7 +37,13 @@ def _report_end(op_report):
 
 def _spec(settings, seed: int, category: str | None = None) -> dict:
     cat = category if category is not None else (None if settings.category in ("ANY", "") else settings.category)
-    return {"seed": int(seed), "model": settings.model or None, "category": cat, "preset": settings.preset,
+    model = settings.model or None
+    known = {m["name"]: m.get("categories", []) for m in (session.welcome or {}).get("models", [])}
+    if cat is not None and model in known and cat not in known[model]:
+        # Populate's Categories may name categories of other models (the shipped ones hold one each): the backend
+        # sends a request without a model to the model that knows its category.
+        model = None
+    return {"seed": int(seed), "model": model, "category": cat, "preset": settings.preset,
             "options": _options(settings), "request_id": uuid.uuid4().hex}
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from holofusion.errors import UserError
-from holofusion.generate import GenerateJob, generate, list_models, output_paths
+from holofusion.generate import GenerateJob, generate, list_models, model_for, output_paths
 from holofusion.mesh.gltf import read_glb
 from holofusion.pipeline import PRESETS, with_distill
 
@@ -64,6 +64,8 @@ def test_bad_input_is_one_line_and_exit_2(tiny_models, tmp_path):
         "unknown model": ["generate", "--model", "no-such-model", "--out", str(tmp_path / "a.glb")],
         "unknown category": ["generate", "--model", model, "--category", "donut", "--preset", "draft",
                              "--out", str(tmp_path / "a.glb")],
+        "category no shipped model knows": ["generate", "--category", "teapot", "--preset", "draft",
+                                            "--out", str(tmp_path / "a.glb")],
         # the tiny model's coarse grids are too faint to hold a surface: a clear message, and no file
         "nothing to extract": ["generate", "--model", model, "--preset", "draft", "--out", str(tmp_path / "a.glb")],
     }
@@ -73,6 +75,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_models, tmp_path):
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("holofusion: error:") and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
     assert "nothing to extract" in cli(*cases["nothing to extract"]).stderr
+    assert "no shipped model knows it (known: apple" in cli(*cases["category no shipped model knows"]).stderr
     assert not any(tmp_path.glob("*.glb"))
 
 
@@ -82,3 +85,12 @@ def test_models_lists_the_shipped_models():
     assert r.returncode == 0
     for row in rows:
         assert row["name"] in r.stdout
+
+
+def test_a_category_without_a_model_picks_the_model_that_knows_it():
+    rows = [{"name": "apple", "categories": ["apple"]}, {"name": "mixed", "categories": ["donut", "hydrant"]},
+            {"name": "zz", "categories": ["hydrant"]}]
+    assert model_for(None, rows) == "apple" and model_for("apple", rows) == "apple"
+    assert model_for("hydrant", rows) == "mixed"  # the first by name
+    assert model_for("teapot", rows) is None
+    assert model_for("donut", rows[1:]) == "mixed"  # no default model on this backend

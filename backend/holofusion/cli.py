@@ -319,8 +319,9 @@ def _add_generate(sub) -> None:
                                    "UVs and a baked base-colour texture, in metres, +Y up, resting on the ground) "
                                    "with a preview PNG beside it. With --count K, K objects with consecutive seeds "
                                    "are written as <stem>-<seed>.glb.")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"shipped model name (see `holofusion models`) or a model folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None,
+                   help=f"shipped model name (see `holofusion models`) or a model folder (default: {DEFAULT_MODEL}, "
+                        "or with --category the shipped model that knows that category)")
     p.add_argument("--category", default=None, help="category to generate (default: the model's own, or any)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first object (default: 0)")
     p.add_argument("--preset", default="standard",
@@ -348,7 +349,17 @@ def _add_generate(sub) -> None:
 def _cmd_generate(args) -> int:
     from .generate import GenerateJob, generate
 
-    job = GenerateJob(model=args.model, category=args.category, seed=args.seed, preset=args.preset,
+    model = args.model
+    if model is None and not args.server:  # a backend picks the model itself (the same rule)
+        from .generate import list_models, model_for
+
+        rows = list_models()
+        model = model_for(args.category, rows)
+        if model is None:
+            known = sorted({c for r in rows for c in r["categories"]})
+            raise UserError(f"--category {args.category!r}: no shipped model knows it (known: "
+                            f"{', '.join(known) or 'none'}); pass --model with a folder that does")
+    job = GenerateJob(model=model, category=args.category, seed=args.seed, preset=args.preset,
                       count=args.count, out=args.out, texture_size=args.texture_size, faces=args.faces,
                       size_m=args.size, opacity_length=args.opacity_length, device=args.device)
     if args.server:

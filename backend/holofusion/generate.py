@@ -25,7 +25,7 @@ from .mesh.extract import MeshConfig
 from .mesh.gltf import glb_bytes, write_glb
 from .pipeline import MODELS_DIR, PRESETS, HoloFusionPipeline, PipelineOutput, Preset
 
-__all__ = ["GenerateJob", "generate", "output_paths", "list_models", "preview_strip", "DEFAULT_MODEL"]
+__all__ = ["GenerateJob", "generate", "output_paths", "list_models", "model_for", "preview_strip", "DEFAULT_MODEL"]
 
 @dataclass
 class GenerateJob:
@@ -219,6 +219,16 @@ def list_models(root: Path = MODELS_DIR) -> list[dict[str, Any]]:
                      "superres": sr.is_file(),
                      "presets": list(PRESETS) if sr.is_file() else ["draft"]})
     return rows
+
+
+def model_for(category: str | None, rows: list[dict[str, Any]]) -> str | None:
+    """The model a request that names none goes to: the default, or, for a category the default does not know,
+    the first model (by name) that does; None when no model knows the category. The shipped models hold one
+    category each, so "a hydrant" needs no model name."""
+    default = next((r for r in rows if r["name"] == DEFAULT_MODEL), None)
+    if category is None or (default is not None and category in default["categories"]):
+        return DEFAULT_MODEL
+    return next((r["name"] for r in rows if category in r["categories"]), None)
 
 
 def format_models(rows: list[dict[str, Any]]) -> str:

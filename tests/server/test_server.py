@@ -106,6 +106,18 @@ def test_bad_requests_get_typed_errors(backend):
             assert e.value.code == code
 
 
+def test_a_request_without_a_model_goes_to_the_model_that_knows_its_category(backend):
+    # The backend holds one model, "pipe" (apple), and not the default: a category alone finds it.
+    with Client(backend.conn) as c:
+        c.hello()
+        job = c.generate(seed=2, model=None, category="apple", preset="draft", options=OPTIONS)
+        assert list(c.events(job))[-1].msg_type == "done"
+        with pytest.raises(BackendError) as e:
+            c.generate(seed=0, model=None, category="teapot", preset="draft")
+    assert e.value.code == "unknown_category" and "known: apple" in str(e.value)
+    assert json.loads((backend.store / job / "job.json").read_text())["request"]["model"] == "pipe"
+
+
 def test_hostile_frames_leave_the_server_serving(backend):
     info = json.loads(backend.conn.read_text())
     ctx = zmq.Context.instance()

@@ -32,7 +32,7 @@ from typing import Any
 
 import zmq
 
-from .. import DEFAULT_MODEL, __version__
+from .. import __version__
 from ..errors import UserError
 from .protocol import (CLIENT_REQUESTS, PROTOCOL_VERSION, SIGNATURE_SCHEME, WORKER_REPORTS, Limits, Message,
                        ProtocolError, ReplayGuard, Signer, decode, encode, error_message, frame_digests, from_zmq,
@@ -409,6 +409,7 @@ class Server:
                 "memory": {"broker": memory(), **{w.name: w.memory for w in self.workers.values()}}}), msg)
 
     def _generate(self, identity: bytes, msg: Message) -> None:
+        from ..generate import model_for
         from ..pipeline import PRESETS
 
         c = msg.content
@@ -423,7 +424,11 @@ class Server:
             raise ProtocolError("invalid_request", f"preset {c['preset']!r} is unknown; choose from "
                                                    f"{', '.join(PRESETS)}")
         models = {m["name"]: m for m in self.models}
-        model = c["model"] or DEFAULT_MODEL
+        model = c["model"] or model_for(c["category"], self.models)
+        if model is None:
+            known = sorted({k for m in self.models for k in m["categories"]})
+            raise ProtocolError("unknown_category", f"no model on this backend knows category {c['category']!r} "
+                                                    f"(known: {', '.join(known) or 'none'})")
         if model not in models:
             raise ProtocolError("unknown_model", f"model {model!r} is not on this backend (it has: "
                                                  f"{', '.join(models) or 'none'})")
