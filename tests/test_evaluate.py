@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from holofusion.cli import main
+from holofusion.errors import UserError
 from holofusion.configs import resolve_config
 from holofusion.evaluate import (
     FID_NOTE,
@@ -31,6 +32,7 @@ from holofusion.evaluate import (
     generative_metrics,
     level_set_points,
     minimum_matching_distance,
+    model_file,
     one_nn_accuracy,
     opacity_length_of,
     surface_points,
@@ -346,6 +348,22 @@ def test_turntable_settings_come_from_the_run(run_dir, tmp_path):
     lone = tmp_path / "m.safetensors"
     shutil.copy(run_dir / "model.safetensors", lone)
     assert turntable_settings(lone) == (9.0, 2.0, 20.0)  # the trainer's defaults
+
+
+def test_model_file_takes_a_file_a_run_folder_a_model_folder_or_a_shipped_name(run_dir, tmp_path):
+    from holofusion.pipeline import MODELS_DIR
+
+    assert model_file(run_dir) == run_dir  # a run folder: load_holodiffusion reads its model.safetensors
+    assert model_file(run_dir / "model.safetensors") == run_dir / "model.safetensors"
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    shutil.copy(run_dir / "model.safetensors", folder / "holodiffusion.safetensors")
+    assert model_file(folder) == folder / "holodiffusion.safetensors"
+    assert model_file("apple") == MODELS_DIR / "apple" / "holodiffusion.safetensors"
+    with pytest.raises(UserError, match="does not exist .*shipped model's name: apple"):
+        model_file("no-such-model")
+    with pytest.raises(UserError, match="not a .safetensors file"):
+        model_file(__file__)  # exists, but is not weights
 
 
 def test_sample_cli_writes_grids_and_turntables_deterministically(run_dir, tmp_path, capsys):

@@ -165,7 +165,8 @@ def _add_sample(sub) -> None:
                                    "feature grid, with the model path, seed, steps, sampler, category and box in its "
                                    "metadata) and <category>_<seed>.png (a turntable strip). The same seed gives "
                                    "the same grid, bit for bit, whatever --count is.")
-    p.add_argument("--model", required=True, help="run folder (its model.safetensors) or a .safetensors model file")
+    p.add_argument("--model", required=True, help="run folder (its model.safetensors), a .safetensors model file, a model folder or a "
+                        "shipped model's name")
     p.add_argument("--category", default=None,
                    help="category to sample (default: the model's only category; required if it has several)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first object (default: 0)")
@@ -200,8 +201,9 @@ def _add_calibrate(sub) -> None:
                                    "clouds; store it in the model file, where holofusion generate, evaluate, the "
                                    "backend and the Blender extension take it as their default. Held-out objects "
                                    "are not used. The trainer does this itself when its autoencoder is done.")
-    p.add_argument("--model", required=True, help="run folder (its model.safetensors) or a .safetensors model file; "
-                                                  "rewritten in place with the level in its metadata")
+    p.add_argument("--model", required=True, help="run folder (its model.safetensors), a .safetensors model file, "
+                                                  "a model folder or a shipped model's name; rewritten in place "
+                                                  "with the level in its metadata")
     p.add_argument("--data", required=True, help="CO3Dv2-format dataset root with the model's training objects")
     p.add_argument("--objects", type=_positive_int("--objects"), default=16,
                    help="training objects to measure (default: 16)")
@@ -210,12 +212,12 @@ def _add_calibrate(sub) -> None:
 
 
 def _cmd_calibrate(args) -> int:
-    from .evaluate import _load_model, calibrate_surface
+    from .evaluate import _load_model, calibrate_surface, model_file
     from .weights import load_weights, save_weights
 
     model = _load_model(args.model, args.device)
     surface = calibrate_surface(model, args.data, args.objects)
-    path = Path(args.model) / "model.safetensors" if Path(args.model).is_dir() else Path(args.model)
+    path = model_file(args.model)
     state, meta = load_weights(path)
     save_weights(path, state, meta["kind"], meta["config"], {**meta["info"], "surface": surface})
     table = "  ".join(f"{k}: {v:.4f}" for k, v in surface["chamfer"].items())
@@ -234,9 +236,9 @@ def _add_evaluate(sub) -> None:
                                    "PNG beside it, and prints a table. FID/KID need Inception-v3 weights, which "
                                    "this version does not support.")
     p.add_argument("--model", required=True,
-                   help="run folder (its model.safetensors) or a .safetensors model file; with --preset standard "
-                        "or high, a model folder holding holodiffusion.safetensors and superres.safetensors, or a "
-                        "shipped model's name")
+                   help="run folder (its model.safetensors), a .safetensors model file, a model folder or a "
+                        "shipped model's name; with --preset standard or high, a model folder holding "
+                        "holodiffusion.safetensors and superres.safetensors, or a shipped model's name")
     p.add_argument("--data", required=True, help="CO3Dv2-format dataset root holding the category")
     p.add_argument("--category", default=None,
                    help="category to evaluate (default: the model's only category; required if it has several)")

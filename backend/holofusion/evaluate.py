@@ -641,18 +641,34 @@ def reference_points(root: str | Path, category: str, points: int = 2048, subset
             coloured, names)
 
 
+def model_file(path: str | Path) -> Path:
+    """The HoloDiffusion weights ``--model`` names: a .safetensors file, a training run folder (its
+    ``model.safetensors``), a model folder (its ``holodiffusion.safetensors``) or a shipped model's name."""
+    from .pipeline import MODELS_DIR
+
+    p = Path(path)
+    if not p.exists():
+        shipped = MODELS_DIR / str(path) / "holodiffusion.safetensors"
+        if p.name == str(path) and shipped.is_file():
+            return shipped
+        known = sorted(d.name for d in MODELS_DIR.iterdir() if (d / "holodiffusion.safetensors").is_file()) \
+            if MODELS_DIR.is_dir() else []
+        raise UserError(f"--model {str(path)!r} does not exist (give a run folder, a .safetensors model file or a "
+                        f"shipped model's name: {', '.join(known) or 'none shipped'})")
+    if p.is_dir() and not (p / "model.safetensors").is_file() and (p / "holodiffusion.safetensors").is_file():
+        return p / "holodiffusion.safetensors"
+    if not p.is_dir() and p.suffix != ".safetensors":
+        raise UserError(f"--model {str(path)!r} is not a .safetensors file or a run folder; HoloFusion reads "
+                        ".safetensors only")
+    return p
+
+
 def _load_model(path: str, device: str):
     from .holodiffusion import load_holodiffusion
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"--model {path!r} does not exist (give a run folder or a .safetensors model file)")
-    if not p.is_dir() and p.suffix != ".safetensors":
-        raise UserError(f"--model {path!r} is not a .safetensors file or a run folder; HoloFusion reads .safetensors "
-                        "only")
-    return load_holodiffusion(path, device)
+    return load_holodiffusion(str(model_file(path)), device)
 
 
 def _load_pipeline(path: str, device: str, preset: str):
@@ -765,7 +781,7 @@ def write_samples(model_path: str, out: str | Path, category: str | None = None,
         raise UserError(f"--count and --steps must be at least 1; got {count} and {steps}")
     model = _load_model(model_path, device)
     name, cond = _resolve_category(model, category)
-    framing = turntable_settings(model_path)
+    framing = turntable_settings(model_file(model_path))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     h = model.config.box_half_size
@@ -850,7 +866,7 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
     refs, split, note, ref_coloured, ref_names = reference_points(root, name, points)
 
     seeds = list(range(seed, seed + samples))
-    framing = turntable_settings(model_path)
+    framing = turntable_settings(model_file(model_path))
     k = min(sheet_objects, samples)
     if pipe is None:
         zs, sets = [], []
