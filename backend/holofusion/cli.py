@@ -353,14 +353,13 @@ def _cmd_generate(args) -> int:
 
     model = args.model
     if model is None and not args.server:  # a backend picks the model itself (the same rule)
-        from .generate import list_models, model_for
+        from .generate import known_categories, list_models, model_for
 
         rows = list_models()
         model = model_for(args.category, rows)
         if model is None:
-            known = sorted({c for r in rows for c in r["categories"]})
             raise UserError(f"--category {args.category!r}: no shipped model knows it (known: "
-                            f"{', '.join(known) or 'none'}); pass --model with a folder that does")
+                            f"{known_categories(rows)}); pass --model with a folder that does")
     job = GenerateJob(model=model, category=args.category, seed=args.seed, preset=args.preset,
                       count=args.count, out=args.out, texture_size=args.texture_size, faces=args.faces,
                       size_m=args.size, opacity_length=args.opacity_length, device=args.device)

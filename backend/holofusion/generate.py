@@ -25,7 +25,8 @@ from .mesh.extract import MeshConfig
 from .mesh.gltf import glb_bytes, write_glb
 from .pipeline import MODELS_DIR, PRESETS, HoloFusionPipeline, PipelineOutput, Preset
 
-__all__ = ["GenerateJob", "generate", "output_paths", "list_models", "model_for", "preview_strip", "DEFAULT_MODEL"]
+__all__ = ["GenerateJob", "generate", "output_paths", "list_models", "model_for", "known_categories", "preview_strip",
+           "DEFAULT_MODEL"]
 
 @dataclass
 class GenerateJob:
@@ -229,6 +230,11 @@ def model_for(category: str | None, rows: list[dict[str, Any]]) -> str | None:
     if category is None or (default is not None and category in default["categories"]):
         return DEFAULT_MODEL
     return next((r["name"] for r in rows if category in r["categories"]), None)
+
+
+def known_categories(rows: list[dict[str, Any]]) -> str:
+    """The categories of all listed models, for an error message."""
+    return ", ".join(sorted({c for r in rows for c in r["categories"]})) or "none"
 
 
 def format_models(rows: list[dict[str, Any]]) -> str:

@@ -409,7 +409,7 @@ class Server:
                 "memory": {"broker": memory(), **{w.name: w.memory for w in self.workers.values()}}}), msg)
 
     def _generate(self, identity: bytes, msg: Message) -> None:
-        from ..generate import model_for
+        from ..generate import known_categories, model_for
         from ..pipeline import PRESETS
 
         c = msg.content
@@ -426,9 +426,8 @@ class Server:
         models = {m["name"]: m for m in self.models}
         model = c["model"] or model_for(c["category"], self.models)
         if model is None:
-            known = sorted({k for m in self.models for k in m["categories"]})
             raise ProtocolError("unknown_category", f"no model on this backend knows category {c['category']!r} "
-                                                    f"(known: {', '.join(known) or 'none'})")
+                                                    f"(known: {known_categories(self.models)})")
         if model not in models:
             raise ProtocolError("unknown_model", f"model {model!r} is not on this backend (it has: "
                                                  f"{', '.join(models) or 'none'})")
