@@ -651,10 +651,11 @@ def model_file(path: str | Path) -> Path:
         shipped = MODELS_DIR / str(path) / "holodiffusion.safetensors"
         if p.name == str(path) and shipped.is_file():
             return shipped
-        known = sorted(d.name for d in MODELS_DIR.iterdir() if (d / "holodiffusion.safetensors").is_file()) \
-            if MODELS_DIR.is_dir() else []
+        from .generate import list_models
+
+        known = ", ".join(r["name"] for r in list_models()) or "none shipped"
         raise UserError(f"--model {str(path)!r} does not exist (give a run folder, a .safetensors model file or a "
-                        f"shipped model's name: {', '.join(known) or 'none shipped'})")
+                        f"shipped model's name: {known})")
     if p.is_dir() and not (p / "model.safetensors").is_file() and (p / "holodiffusion.safetensors").is_file():
         return p / "holodiffusion.safetensors"
     if not p.is_dir() and p.suffix != ".safetensors":
