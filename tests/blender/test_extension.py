@@ -91,6 +91,12 @@ def test_extension_in_blender_against_a_live_backend(addon_zip, tiny_models, tmp
     assert f["surface"] == ["FINISHED"]
     assert f["surface_objects"] == {"count": 4, "on_plane": True, "distinct_positions": 4}
     assert f["selected"] == ["FINISHED"] and f["selected_positions"] == [[-5.0, -1.0, 0.5], [-5.0, 1.0, 0.0]]
+    # a category the selected model does not know goes out without a model; no model knows "teapot": said in words
+    assert f["spec_models"] == ["pipe", None]
+    assert f["mixed"] == ["FINISHED"] and f["mixed_objects"]["made"] == [[80, "apple"]]
+    assert "populated 1 of 2" in f["mixed_objects"]["status"]
+    assert "seed 82" in f["mixed_objects"]["status"] and "'teapot'" in f["mixed_objects"]["status"]
+    assert "known: apple" in f["mixed_objects"]["status"]
     assert f["main_thread"]["longest_step_ms"] < 20.0 and f["main_thread"]["steps"] > 10
     assert f["cancel"] == {"ended": ["cancelled"], "new_objects": 0}
     k = f["killed"]
