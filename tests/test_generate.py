@@ -87,6 +87,22 @@ def test_models_lists_the_shipped_models():
         assert row["name"] in r.stdout
 
 
+def test_shipped_models_are_complete_and_within_the_size_budget():
+    """Each shipped model has both stages, its card, and the category it is named after; models in training are
+    not offered; all of models/ stays within the 60 MB the project allows itself."""
+    from holofusion.pipeline import MODELS_DIR
+
+    rows = list_models()
+    assert rows, f"no shipped models in {MODELS_DIR}"
+    assert "training" not in {r["name"] for r in rows}
+    for r in rows:
+        assert r["superres"] and r["presets"] == ["draft", "standard", "high"], r["name"]
+        assert r["categories"] == [r["name"]]
+        assert (MODELS_DIR / r["name"] / "MODEL_CARD.md").is_file(), r["name"]
+    total = sum(f.stat().st_size for f in MODELS_DIR.rglob("*") if f.is_file())
+    assert total <= 60e6, f"models/ holds {total / 1e6:.1f} MB"
+
+
 def test_a_category_without_a_model_picks_the_model_that_knows_it():
     rows = [{"name": "apple", "categories": ["apple"]}, {"name": "mixed", "categories": ["donut", "hydrant"]},
             {"name": "zz", "categories": ["hydrant"]}]
