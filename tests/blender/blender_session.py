@@ -80,6 +80,7 @@ facts["populated"] = {"count": len(made), "seeds": sorted(int(o["holofusion_seed
                       "distinct_positions": len({tuple(round(x, 4) for x in o.location) for o in made})}
 facts["history"] = len(session.history())
 ui = sys.modules[module + ".ui"]
+ops = sys.modules[module + ".operators"]
 first = session.history()[0]
 thumb = session.thumbnail(first)
 facts["thumbnail"] = {"file": thumb is not None and thumb.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n",
@@ -125,8 +126,7 @@ s.layout = "GRID"
 # Categories naming one the selected model does not know: that item goes out without a model (the backend routes it
 # by category) and, no model knowing "teapot", fails in words while the apple is made
 s.count, s.first_seed, s.categories = 2, 80, "apple, teapot"  # seed step still 2: seeds 80 and 82
-facts["spec_models"] = [ops_spec["model"] for ops_spec in (sys.modules[module + ".operators"]._spec(s, 1, c)
-                                                           for c in ("apple", "teapot"))]
+facts["spec_models"] = [ops._spec(s, 1, c)["model"] for c in ("apple", "teapot")]
 before = {o.name for o in objects()}
 facts["mixed"] = sorted(bpy.ops.holofusion.populate())
 made = [o for o in objects() if o.name not in before]
@@ -147,7 +147,6 @@ def on_result(msg):
     imports.append(time.perf_counter() - t0)
 
 
-ops = sys.modules[module + ".operators"]
 task = session.submit(ops._spec(s, 77), on_result, lambda state, err: None)
 while task.tag in session.tasks:
     made = len(imports)
