@@ -495,6 +495,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--preset", default="draft", choices=["draft", "standard", "high"],
                    help="generation preset (default: draft)")
     p.add_argument("--model", default=None, help=f"model name (default: {DEFAULT_MODEL})")
+    p.add_argument("--categories", default="",
+                   help="comma-separated categories to cycle through, each made by the shipped model that serves it, "
+                        "e.g. apple,donut,hydrant,teddybear (default: the model's own)")
     p.add_argument("--samples", type=int, default=32, help="Cycles samples for the preview (default: 32)")
     p.add_argument("--resolution", type=int, default=640, help="preview width in pixels (default: 640)")
     p.add_argument("--device", default="auto", help="backend device: auto, cpu, cuda (default: auto)")
@@ -504,9 +507,10 @@ def _add_demo(sub) -> None:
 def _cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
+    cats = tuple(c.strip() for c in args.categories.split(",") if c.strip())
     facts = run_demo(DemoConfig(out=args.out, count=args.count, seed=args.seed, preset=args.preset,
-                                model=args.model, samples=args.samples, resolution=args.resolution,
-                                device=args.device))
+                                model=args.model, categories=cats, samples=args.samples,
+                                resolution=args.resolution, device=args.device))
     print(f"wrote {facts['scene']}, {facts['glb']} and {facts['preview']} ({facts['objects']} objects, seeds "
           f"{', '.join(map(str, facts['seeds']))})")
     return 0

@@ -13,6 +13,8 @@ from pathlib import Path
 import bpy
 from mathutils import Vector
 
+from holofusion.demo.layout import shelf_layout
+
 args = json.loads(sys.argv[1])
 out = Path(args["out"])
 
@@ -35,37 +37,57 @@ model = args["model"] or welcome["models"][0]["name"]
 s = bpy.context.scene.holofusion
 s.model, s.preset = model, args["preset"]
 s.count, s.first_seed, s.seed_step, s.layout = args["count"], args["seed"], 1, "GRID"
+cats = args.get("categories") or []
+if cats:
+    # Say which categories the backend knows before a single object is made, not one failure per item after.
+    known = sorted({c for m in welcome["models"] for c in m.get("categories", [])})
+    unknown = [c for c in cats if c not in known]
+    if unknown:
+        raise SystemExit(f"--categories: {', '.join(unknown)} not served by the backend; it knows: {', '.join(known)}")
+    s.categories = ",".join(cats)
 
 t0 = time.perf_counter()
-say(f"populating {s.count} objects with model {model!r}, preset {s.preset!r} on {welcome['device']} ...")
+what = f"categories {s.categories}" if cats else f"model {model!r}"
+say(f"populating {s.count} objects ({what}), preset {s.preset!r} on {welcome['device']} ...")
 bpy.ops.holofusion.populate()
 objs = sorted((o for o in bpy.data.objects if "holofusion_seed" in o.keys()), key=lambda o: int(o["holofusion_seed"]))
 if not objs:
     raise SystemExit(f"no object was made: {session.status.message or session.status.line}")
 say(f"{session.status.line} in {time.perf_counter() - t0:.1f} s")
 
-# Space the grid by the objects' own size, then frame it.
-size = max(max(o.dimensions) for o in objs)
-side = math.ceil(math.sqrt(len(objs)))
-for i, o in enumerate(objs):
-    o.location = Vector(((i % side - (side - 1) / 2) * 1.5 * size, (i // side - (side - 1) / 2) * 1.5 * size, 0.0))
-    lowest = min((o.matrix_world @ Vector(c)).z for c in o.bound_box)
-    o.location.z -= lowest
-extent = side * 1.5 * size
-bpy.ops.mesh.primitive_plane_add(size=extent * 4, location=(0, 0, 0))
+# Rows packed by each object's own footprint (real sizes differ tenfold between categories), then framed.
+foot = [max(o.dimensions.x, o.dimensions.y) for o in objs]
+spots = shelf_layout(foot, [o.dimensions.z for o in objs])
+for o, (x, y) in zip(objs, spots):
+    corners = [o.matrix_world @ Vector(c) for c in o.bound_box]
+    centre = sum(corners, Vector()) / 8
+    o.location += Vector((x - centre.x, y - centre.y, -min(c.z for c in corners)))
+bpy.context.view_layer.update()
+corners = [o.matrix_world @ Vector(c) for o in objs for c in o.bound_box]
+extent = max(max(c.x for c in corners) - min(c.x for c in corners),
+             max(c.y for c in corners) - min(c.y for c in corners), max(c.z for c in corners))
+bpy.ops.mesh.primitive_plane_add(size=extent * 30, location=(0, 0, 0))  # past the horizon of the view
 ground = bpy.context.active_object
 ground.name = "Ground"
 mat = bpy.data.materials.new("Ground")
 mat.use_nodes = True
 mat.node_tree.nodes["Principled BSDF"].inputs["Base Color"].default_value = (0.8, 0.78, 0.74, 1)
 ground.data.materials.append(mat)
+scene = bpy.context.scene
+scene.render.resolution_x = args["resolution"]
+scene.render.resolution_y = int(args["resolution"] * 9 / 16)
 cam_data = bpy.data.cameras.new("Camera")
-cam = bpy.data.objects.new("Camera", cam_data)
-bpy.context.scene.collection.objects.link(cam)
-cam.location = Vector((0.0, -1.6 * extent, 1.1 * extent))
-cam.rotation_euler = (Vector((0, 0, size * 0.3)) - cam.location).to_track_quat("-Z", "Y").to_euler()
 cam_data.lens = 50
-bpy.context.scene.camera = cam
+cam = bpy.data.objects.new("Camera", cam_data)
+scene.collection.objects.link(cam)
+scene.camera = cam
+# Looking along +y and 30 degrees down; Blender moves the camera until every object's box is in the frame (for
+# this aspect ratio), then it steps back 8 % of the distance so nothing touches the border.
+cam.rotation_euler = (math.radians(60), 0.0, 0.0)
+bpy.context.view_layer.update()
+fit, _ = cam.camera_fit_coords(bpy.context.evaluated_depsgraph_get(), [v for c in corners for v in c])
+centre = sum(corners, Vector()) / len(corners)
+cam.location = fit + (fit - centre) * 0.08
 sun = bpy.data.objects.new("Sun", bpy.data.lights.new("Sun", "SUN"))
 sun.data.energy = 3.0
 sun.rotation_euler = (math.radians(45), math.radians(10), math.radians(30))
@@ -84,13 +106,10 @@ for o in bpy.context.view_layer.objects:
 glb = out / f"{first.name}.glb"
 bpy.ops.export_scene.gltf(filepath=str(glb), export_format="GLB", use_selection=True)
 
-scene = bpy.context.scene
 scene.render.engine = "CYCLES"
 scene.cycles.device = "CPU"
 scene.cycles.samples = args["samples"]
 scene.cycles.use_denoising = False
-scene.render.resolution_x = args["resolution"]
-scene.render.resolution_y = int(args["resolution"] * 9 / 16)
 scene.render.filepath = str(out / "preview.png")
 say(f"rendering {scene.render.resolution_x}x{scene.render.resolution_y} with Cycles ({scene.cycles.samples} samples) ...")
 bpy.ops.render.render(write_still=True)
