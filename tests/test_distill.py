@@ -277,6 +277,9 @@ def test_bad_input(pipe, tiny_models, tmp_path):
         pipe(0, preset="ultra")
     with pytest.raises(UserError, match="category 'donut'"):
         pipe(0, category="donut", preset="draft")
+    for seed in (-1, 2**31):
+        with pytest.raises(UserError, match=f"seed {seed} is out of range: seeds are whole numbers from 0 to "):
+            pipe(seed, preset="draft")
     with pytest.raises(UserError, match="neither a folder nor a shipped model"):
         HoloFusionPipeline.from_pretrained(str(tmp_path / "nothing"))
     only_hd = tmp_path / "only_hd"

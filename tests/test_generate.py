@@ -68,6 +68,9 @@ def test_bad_input_is_one_line_and_exit_2(tiny_models, tmp_path):
                                             "--out", str(tmp_path / "a.glb")],
         # the tiny model's coarse grids are too faint to hold a surface: a clear message, and no file
         "nothing to extract": ["generate", "--model", model, "--preset", "draft", "--out", str(tmp_path / "a.glb")],
+        "negative seed": ["generate", "--model", model, "--seed", "-3", "--out", str(tmp_path / "a.glb")],
+        "seeds past the largest": ["generate", "--model", model, "--seed", str(2**31 - 1), "--count", "2",
+                                   "--preset", "draft", "--out", str(tmp_path / "a.glb")],
     }
     for name, args in cases.items():
         r = cli(*args)
@@ -76,6 +79,12 @@ def test_bad_input_is_one_line_and_exit_2(tiny_models, tmp_path):
         assert last.startswith("holofusion: error:") and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
     assert "nothing to extract" in cli(*cases["nothing to extract"]).stderr
     assert "no shipped model knows it (known: apple" in cli(*cases["category no shipped model knows"]).stderr
+    assert "seeds are whole numbers from 0 to 2147483647" in cli(*cases["negative seed"]).stderr
+    # checked before the first object is made: no file for seed 2^31 - 1 either
+    assert "reaches seed 2147483648, past the largest" in cli(*cases["seeds past the largest"]).stderr
+    # models/training holds runs to continue, not a model to name
+    unknown = cli(*cases["unknown model"]).stderr
+    assert "(apple, donut, hydrant, teddybear)" in unknown and "training" not in unknown
     assert not any(tmp_path.glob("*.glb"))
 
 

@@ -24,8 +24,9 @@ from .mesh.asset import AssetConfig, make_asset
 from .mesh.extract import MeshConfig
 from .mesh.gltf import glb_bytes, write_glb
 from .pipeline import MODELS_DIR, PRESETS, HoloFusionPipeline, PipelineOutput, Preset
+from .server.protocol import MAX_SEED
 
-__all__ = ["GenerateJob", "generate", "output_paths", "list_models", "model_for", "known_categories", "preview_strip",
+__all__ = ["GenerateJob", "generate", "job_seeds", "output_paths", "list_models", "model_for", "known_categories", "preview_strip",
            "DEFAULT_MODEL"]
 
 @dataclass
@@ -45,6 +46,19 @@ class GenerateJob:
     opacity_length: float | None = None
     """The surface level (``MeshConfig.opacity_length``); None: the model's calibrated level."""
     device: str = "cpu"
+
+
+def job_seeds(seed: int, count: int) -> list[int]:
+    """The consecutive seeds of a job, all checked before the first object is made: the server's range 0 to
+    2^31 - 1, so that a seed names the same object whether it runs here or on a backend."""
+    if count < 1:
+        raise UserError(f"--count must be at least 1; got {count}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed {seed} is out of range: seeds are whole numbers from 0 to {MAX_SEED}")
+    if seed + count - 1 > MAX_SEED:
+        raise UserError(f"--seed {seed} with --count {count} reaches seed {seed + count - 1}, past the largest, "
+                        f"{MAX_SEED}")
+    return [seed + i for i in range(count)]
 
 
 def output_paths(out: str, seeds: list[int]) -> list[Path]:
@@ -109,11 +123,9 @@ def generate(job: GenerateJob, progress: bool = True, observer: Callable[[str, i
     already loaded for ``job.model`` (loaded here otherwise)."""
     if isinstance(job.preset, str) and job.preset not in PRESETS:
         raise UserError(f"--preset {job.preset!r} is unknown; choose from {', '.join(PRESETS)}")
-    if job.count < 1:
-        raise UserError(f"--count must be at least 1; got {job.count}")
     if job.opacity_length is not None and not job.opacity_length > 0:
         raise UserError(f"--opacity-length must be positive; got {job.opacity_length}")
-    seeds = [job.seed + i for i in range(job.count)]
+    seeds = job_seeds(job.seed, job.count)
     paths = output_paths(job.out, seeds)
     pipe = pipeline if pipeline is not None else HoloFusionPipeline.from_pretrained(job.model, job.device)
     try:
@@ -159,7 +171,7 @@ def generate_remote(job: GenerateJob, server: str, progress: bool = True) -> lis
 
     if not isinstance(job.preset, str):
         raise UserError("a backend takes presets by name: draft, standard or high")
-    seeds = [job.seed + i for i in range(job.count)]
+    seeds = job_seeds(job.seed, job.count)
     paths = output_paths(job.out, seeds)
     records = []
     with Client(server) as client:

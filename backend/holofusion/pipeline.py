@@ -35,6 +35,7 @@ from .errors import UserError
 from .evaluate import opacity_length_of
 from .grid import VoxelGrid
 from .holodiffusion import HoloDiffusion, load_holodiffusion
+from .server.protocol import MAX_SEED
 from .superres import Condition, SuperRes, load_superres
 
 __all__ = ["HoloFusionPipeline", "PipelineOutput", "PipelineCancelled", "Preset", "PRESETS", "MODELS_DIR"]
@@ -148,7 +149,8 @@ class HoloFusionPipeline:
         if not p.exists() and (MODELS_DIR / name_or_path).is_dir():
             p = MODELS_DIR / name_or_path
         if not p.is_dir():
-            known = sorted(d.name for d in MODELS_DIR.iterdir() if d.is_dir()) if MODELS_DIR.is_dir() else []
+            known = sorted(d.name for d in MODELS_DIR.iterdir() if (d / "holodiffusion.safetensors").is_file()) \
+                if MODELS_DIR.is_dir() else []  # models/training holds runs to continue, not models
             raise UserError(f"model {name_or_path!r} is neither a folder nor a shipped model "
                             f"({', '.join(known) or 'none shipped'})")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -181,6 +183,8 @@ class HoloFusionPipeline:
             raise UserError(f"preset {name!r} needs a super-resolution model, and {self.name or 'this model'} has "
                             "none; use preset 'draft'")
         seed = int(seed)
+        if not 0 <= seed <= MAX_SEED:  # the server's range, so a seed names the same object on every route
+            raise UserError(f"seed {seed} is out of range: seeds are whole numbers from 0 to {MAX_SEED}")
         coarse = self.coarse(seed, category, pre.coarse_steps, callback)
         out = PipelineOutput(seed, category, name, coarse, self.hd.decoder)
         if not pre.superres:
