@@ -14,6 +14,7 @@ import bpy
 from mathutils import Vector
 
 from .importer import collection, import_result
+from .layout import pack_rows
 from .props import preferences
 from .session import session
 
@@ -35,8 +36,12 @@ def _report_end(op_report):
     return on_end
 
 
+def _chosen_category(settings) -> str | None:
+    return None if settings.category in ("ANY", "") else settings.category
+
+
 def _spec(settings, seed: int, category: str | None = None) -> dict:
-    cat = category if category is not None else (None if settings.category in ("ANY", "") else settings.category)
+    cat = category if category is not None else _chosen_category(settings)
     model = settings.model or None
     known = {m["name"]: m.get("categories", []) for m in (session.welcome or {}).get("models", [])}
     if cat is not None and model in known and cat not in known[model]:
@@ -247,8 +252,25 @@ class HOLOFUSION_OT_reroll(_NeedsBackend, bpy.types.Operator):
         return {"FINISHED"}
 
 
-def layout_positions(context, settings, n: int) -> list[Vector]:
-    """Where each populated object goes (the layout's rule), before any is made."""
+def item_sizes(settings, categories: list[str | None]) -> list[float]:
+    """The largest side (metres) each populated object will have, before any is made: the backend scales an object
+    of a category to a known size and says which in its welcome (``sizes`` of each model); 0 where it does not say
+    (an older backend), which makes the grid an even one with Spacing as its pitch."""
+    models = (session.welcome or {}).get("models", [])
+    own = next((m for m in models if m["name"] == settings.model), None)
+    out = []
+    for cat in categories:
+        if cat is None and own is not None and len(own.get("categories", [])) == 1:
+            cat = own["categories"][0]
+        sizes = [m.get("sizes", {}).get(cat) for m in ([own] if own else []) + models]
+        size = next((v for v in sizes if v), 0.0)
+        out.append(float(size) * max(settings.scale_range))
+    return out
+
+
+def layout_positions(context, settings, n: int, sizes: list[float] | None = None) -> list[Vector]:
+    """Where each populated object goes (the layout's rule), before any is made. ``sizes``: each object's largest
+    side, for the grid (which keeps Spacing between neighbours' edges)."""
     if settings.layout == "SELECTED":
         objs = list(context.selected_objects)
         if not objs:
@@ -275,10 +297,9 @@ def layout_positions(context, settings, n: int) -> list[Vector]:
             a, b, c = tris[i]
             out.append(a + (b - a) * u + (c - a) * v)
         return out
-    side = math.ceil(math.sqrt(n))
     origin = context.scene.cursor.location
-    return [origin + Vector(((i % side - (side - 1) / 2) * settings.spacing,
-                             (i // side - (side - 1) / 2) * settings.spacing, 0.0)) for i in range(n)]
+    spots = pack_rows(list(sizes) if sizes is not None else [0.0] * n, gap=settings.spacing)
+    return [origin + Vector((x, y, 0.0)) for x, y in spots]
 
 
 class HOLOFUSION_OT_populate(_NeedsBackend, bpy.types.Operator):
@@ -290,12 +311,13 @@ class HOLOFUSION_OT_populate(_NeedsBackend, bpy.types.Operator):
         if not self.ensure_connected(context):
             return {"CANCELLED"}
         s = context.scene.holofusion
+        cats = [c.strip() for c in s.categories.split(",") if c.strip()]
+        item_cats = [cats[i % len(cats)] if cats else _chosen_category(s) for i in range(s.count)]
         try:
-            positions = layout_positions(context, s, s.count)
+            positions = layout_positions(context, s, s.count, item_sizes(s, item_cats))
         except ValueError as e:
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}
-        cats = [c.strip() for c in s.categories.split(",") if c.strip()]
         rng = random.Random(s.first_seed)
         items = [{"seed": s.first_seed + i * s.seed_step, "category": cats[i % len(cats)] if cats else None,
                   "location": positions[i], "rotation": rng.uniform(0, 2 * math.pi) if s.random_rotation else 0.0,

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import DEFAULT_MODEL
 from .errors import UserError
-from .mesh.asset import AssetConfig, make_asset
+from .mesh.asset import AssetConfig, default_size, make_asset
 from .mesh.extract import MeshConfig
 from .mesh.gltf import glb_bytes, write_glb
 from .pipeline import MODELS_DIR, PRESETS, HoloFusionPipeline, PipelineOutput, Preset
@@ -215,7 +215,8 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 
 def list_models(root: Path = MODELS_DIR) -> list[dict[str, Any]]:
-    """The shipped models: name, categories, stages present, and the training steps of each stage."""
+    """The shipped models: name, categories, ``sizes`` (each category's largest side in metres, as the .glb has it),
+    stages present, and the training steps of each stage."""
     from .weights import read_metadata
 
     rows = []
@@ -227,7 +228,10 @@ def list_models(root: Path = MODELS_DIR) -> list[dict[str, Any]]:
             continue
         meta = read_metadata(hd)
         sr = d / "superres.safetensors"
-        rows.append({"name": d.name, "categories": meta["config"].get("categories", []),
+        cats = meta["config"].get("categories", [])
+        rows.append({"name": d.name, "categories": cats,
+                     # the largest side of each category's objects in the .glb: the extension lays grids out by it
+                     "sizes": {c: default_size(c) for c in cats},
                      "holodiffusion_step": meta["info"].get("step"),
                      "superres": sr.is_file(),
                      "presets": list(PRESETS) if sr.is_file() else ["draft"]})

@@ -78,6 +78,12 @@ facts["populate"] = sorted(bpy.ops.holofusion.populate())
 made = [o for o in objects() if o.name not in before]
 facts["populated"] = {"count": len(made), "seeds": sorted(int(o["holofusion_seed"]) for o in made),
                       "distinct_positions": len({tuple(round(x, 4) for x in o.location) for o in made})}
+# the grid's pitch: the objects' size as the backend's welcome gives it (apple: 0.08 m) plus Spacing, edge to edge
+cursor = bpy.context.scene.cursor.location
+facts["grid"] = {"xs": sorted({round(o.location.x - cursor.x, 4) for o in made}),
+                 "ys": sorted({round(o.location.y - cursor.y, 4) for o in made}),
+                 "largest_side": round(max(max(o.dimensions) for o in made), 4),
+                 "welcome_sizes": [m.get("sizes") for m in session.welcome["models"]]}
 facts["history"] = len(session.history())
 ui = sys.modules[module + ".ui"]
 ops = sys.modules[module + ".operators"]

@@ -85,6 +85,9 @@ def test_extension_in_blender_against_a_live_backend(addon_zip, tiny_models, tmp
     assert f["seed_written_back"] == 3 and f["second_generate_seed"] == 4 and f["seeds_after_two"] == [3, 4]
     assert f["rerolled"] == {"seed": 4, "location": [1.0, 2.0, 3.0], "rotation_z": 0.7, "count": 2}
     assert f["populated"] == {"count": 6, "seeds": [40, 42, 44, 46, 48, 50], "distinct_positions": 6}
+    g = f["grid"]  # rows of 3, 0.08 m objects 0.3 m apart edge to edge: a pitch of 0.38 m, centred on the cursor
+    assert g["welcome_sizes"] == [{"apple": 0.08}] and g["largest_side"] <= 0.08 + 1e-4
+    assert g["xs"] == [-0.38, 0.0, 0.38] and g["ys"] == [-0.19, 0.19]
     assert f["history"] >= 9
     assert f["thumbnail"] == {"file": True, "preview_size": [128, 128], "all": True}
     assert f["history_import"] == ["FINISHED"] and f["history_imported"]

@@ -13,8 +13,6 @@ from pathlib import Path
 import bpy
 from mathutils import Vector
 
-from holofusion.demo.layout import shelf_layout
-
 args = json.loads(sys.argv[1])
 out = Path(args["out"])
 
@@ -55,10 +53,12 @@ if not objs:
     raise SystemExit(f"no object was made: {session.status.message or session.status.line}")
 say(f"{session.status.line} in {time.perf_counter() - t0:.1f} s")
 
-# Rows packed by each object's own footprint (real sizes differ tenfold between categories), then framed.
-foot = [max(o.dimensions.x, o.dimensions.y) for o in objs]
-spots = shelf_layout(foot, [o.dimensions.z for o in objs])
-for o, (x, y) in zip(objs, spots):
+# The extension's own grid rule, rows packed by each object's footprint (real sizes differ tenfold between
+# categories), here with the shortest objects in the front row so that the camera sees all of them; then framed.
+pack_rows = sys.modules[module + ".layout"].pack_rows
+order = sorted(objs, key=lambda o: (o.dimensions.z, int(o["holofusion_seed"])))
+foot = [max(o.dimensions.x, o.dimensions.y) for o in order]
+for o, (x, y) in zip(order, pack_rows(foot, relative_gap=0.35)):
     corners = [o.matrix_world @ Vector(c) for c in o.bound_box]
     centre = sum(corners, Vector()) / 8
     o.location += Vector((x - centre.x, y - centre.y, -min(c.z for c in corners)))
