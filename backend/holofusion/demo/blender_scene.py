@@ -54,11 +54,11 @@ if not objs:
 say(f"{session.status.line} in {time.perf_counter() - t0:.1f} s")
 
 # The extension's own grid rule, rows packed by each object's footprint (real sizes differ tenfold between
-# categories), here with the shortest objects in the front row so that the camera sees all of them; then framed.
+# categories), here tallest first and mirrored so that row 0 stands at the back and the camera sees every object.
 pack_rows = sys.modules[module + ".layout"].pack_rows
-order = sorted(objs, key=lambda o: (o.dimensions.z, int(o["holofusion_seed"])))
+order = sorted(objs, key=lambda o: (-o.dimensions.z, int(o["holofusion_seed"])))
 foot = [max(o.dimensions.x, o.dimensions.y) for o in order]
-for o, (x, y) in zip(order, pack_rows(foot, relative_gap=0.35)):
+for o, (x, y) in zip(order, [(x, -y) for x, y in pack_rows(foot, relative_gap=0.35)]):
     corners = [o.matrix_world @ Vector(c) for c in o.bound_box]
     centre = sum(corners, Vector()) / 8
     o.location += Vector((x - centre.x, y - centre.y, -min(c.z for c in corners)))
