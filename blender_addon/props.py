@@ -110,8 +110,9 @@ class HoloFusionSettings(bpy.types.PropertyGroup):
         ("SURFACE", "On Active Mesh", "Scattered on the active mesh's surface"),
         ("SELECTED", "Per Selected Object", "One at each selected object")])
     spacing: FloatProperty(name="Spacing", default=0.1, min=0.0, unit="LENGTH",
-                           description="Grid: the gap between neighbouring objects' edges (each object's size is "
-                                       "the one the backend gives its category, so mixed categories do not overlap)")
+                           description="Grid: at least this gap between neighbouring objects (each is given the room "
+                                       "of its largest side, the size the backend gives its category, so mixed "
+                                       "categories never overlap)")
     random_rotation: BoolProperty(name="Random Rotation", default=True, description="Random turn about Z")
     scale_range: FloatVectorProperty(name="Scale", size=2, default=(1.0, 1.0), min=0.01,
                                      description="Random scale between these")

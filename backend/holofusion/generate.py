@@ -26,8 +26,8 @@ from .mesh.gltf import glb_bytes, write_glb
 from .pipeline import MODELS_DIR, PRESETS, HoloFusionPipeline, PipelineOutput, Preset
 from .server.protocol import MAX_SEED
 
-__all__ = ["GenerateJob", "generate", "job_seeds", "output_paths", "list_models", "model_for", "known_categories", "preview_strip",
-           "DEFAULT_MODEL"]
+__all__ = ["GenerateJob", "generate", "job_seeds", "output_paths", "list_models", "model_for", "known_categories",
+           "preview_strip", "DEFAULT_MODEL"]
 
 @dataclass
 class GenerateJob:
