@@ -262,8 +262,8 @@ def item_sizes(settings, categories: list[str | None]) -> list[float]:
     for cat in categories:
         if cat is None and own is not None and len(own.get("categories", [])) == 1:
             cat = own["categories"][0]
-        sizes = [m.get("sizes", {}).get(cat) for m in ([own] if own else []) + models]
-        size = next((v for v in sizes if v), 0.0)
+        # the selected model's word first, then any model that serves the category
+        size = next((v for m in ([own] if own else []) + models if (v := m.get("sizes", {}).get(cat))), 0.0)
         out.append(float(size) * max(settings.scale_range))
     return out
 

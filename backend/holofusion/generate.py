@@ -23,7 +23,7 @@ from .errors import UserError
 from .mesh.asset import AssetConfig, default_size, make_asset
 from .mesh.extract import MeshConfig
 from .mesh.gltf import glb_bytes, write_glb
-from .pipeline import MODELS_DIR, PRESETS, HoloFusionPipeline, PipelineOutput, Preset
+from .pipeline import MODELS_DIR, PRESETS, HoloFusionPipeline, PipelineOutput, Preset, model_folders
 from .server.protocol import MAX_SEED
 
 __all__ = ["GenerateJob", "generate", "job_seeds", "output_paths", "list_models", "model_for", "known_categories",
@@ -220,13 +220,8 @@ def list_models(root: Path = MODELS_DIR) -> list[dict[str, Any]]:
     from .weights import read_metadata
 
     rows = []
-    if not root.is_dir():
-        return rows
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        hd = d / "holodiffusion.safetensors"
-        if not hd.is_file():
-            continue
-        meta = read_metadata(hd)
+    for d in model_folders(root):
+        meta = read_metadata(d / "holodiffusion.safetensors")
         sr = d / "superres.safetensors"
         cats = meta["config"].get("categories", [])
         rows.append({"name": d.name, "categories": cats,

@@ -117,6 +117,14 @@ class PipelineOutput:
         return self.coarse, self.coarse_decoder
 
 
+def model_folders(root: Path = MODELS_DIR) -> list[Path]:
+    """The shipped models: folders under ``root`` holding ``holodiffusion.safetensors``, by name
+    (``models/training`` holds runs to continue, not models)."""
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if (d / "holodiffusion.safetensors").is_file())
+
+
 class HoloFusionPipeline:
     """The three stages of HoloFusion around a trained HoloDiffusion model and (optionally) its super-resolution
     model. Without one, only the ``draft`` preset runs."""
@@ -149,8 +157,7 @@ class HoloFusionPipeline:
         if not p.exists() and (MODELS_DIR / name_or_path).is_dir():
             p = MODELS_DIR / name_or_path
         if not p.is_dir():
-            known = sorted(d.name for d in MODELS_DIR.iterdir() if (d / "holodiffusion.safetensors").is_file()) \
-                if MODELS_DIR.is_dir() else []  # models/training holds runs to continue, not models
+            known = [d.name for d in model_folders()]
             raise UserError(f"model {name_or_path!r} is neither a folder nor a shipped model "
                             f"({', '.join(known) or 'none shipped'})")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
