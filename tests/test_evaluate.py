@@ -21,6 +21,7 @@ from holofusion.configs import resolve_config
 from holofusion.evaluate import (
     FID_NOTE,
     ColouredPoints,
+    ObjectStore,
     SurfaceConfig,
     chamfer_matrix,
     chamfer_pairs,
@@ -37,6 +38,7 @@ from holofusion.evaluate import (
     opacity_length_of,
     surface_points,
     turntable_settings,
+    weights_digest,
 )
 from holofusion.grid import VoxelGrid
 from holofusion.holodiffusion import HoloDiffusion, HoloDiffusionConfig
@@ -539,6 +541,14 @@ def test_evaluate_a_preset_measures_the_distilled_objects(tiny_models, tmp_path,
     std = json.loads((tmp_path / "std.json").read_text())
     assert std["preset"] == "standard" and std["steps"] == 25 and "standard preset" in text
     assert std["references"] == 1 and (tmp_path / "std_samples.png").is_file()
+    assert std["objects_reused"] == 0 and (tmp_path / "std.objects" / "seed_0000000003.pt").is_file()
+    # The same command again (as after an interruption): the measured object is taken from std.objects/, not made
+    # again, and the metrics are the same to the last digit.
+    code, text, _ = run_cli(capsys, "evaluate", "--model", pipe_dir, "--preset", "standard", *args,
+                            "--out", tmp_path / "std.json")
+    again = json.loads((tmp_path / "std.json").read_text())
+    assert code == 0 and again["objects_reused"] == 1 and "measured by an earlier run" in text
+    assert again["coloured"] == std["coloured"] and again["geometry"] == std["geometry"]
 
     # The distilled surface of seed 3, extracted by hand: its Chamfer distance to the one reference is the MMD.
     pipe = HoloFusionPipeline.from_pretrained(str(pipe_dir))
@@ -557,3 +567,34 @@ def test_evaluate_a_preset_measures_the_distilled_objects(tiny_models, tmp_path,
     shutil.copy(pipe_dir / "holodiffusion.safetensors", alone)
     code, _, err = run_cli(capsys, "evaluate", "--model", alone, "--preset", "standard", *args)
     assert code == 2 and "superres.safetensors" in err and "--preset draft" in err
+
+
+def test_object_store_keeps_objects_under_one_key_only(tmp_path):
+    """Objects stored under a key come back whole; a store opened under another key (other weights, preset or
+    surface settings) starts empty instead of mixing objects of two configurations; a half-written file is none."""
+    folder = tmp_path / "e.objects"
+    pts = ColouredPoints(torch.rand(1, 8, 3), torch.rand(1, 8, 3), torch.tensor([False]))
+    strip = torch.rand(3, 8, 32)
+    store = ObjectStore(folder, {"weights": "a", "preset": "standard"})
+    assert store.get(4) is None
+    store.put(4, pts, strip)
+    again = ObjectStore(folder, {"weights": "a", "preset": "standard"})
+    got, got_strip = again.get(4)
+    assert torch.equal(got.points, pts.points) and torch.equal(got.colours, pts.colours)
+    assert torch.equal(got.empty, pts.empty) and torch.equal(got_strip, strip) and again.kept == 1
+    assert not list(folder.glob(".*partial"))
+    other = ObjectStore(folder, {"weights": "b", "preset": "standard"})
+    assert other.get(4) is None and not list(folder.glob("seed_*.pt"))
+    (folder / "seed_0000000005.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert other.get(5) is None and other.kept == 0
+
+
+def test_weights_digest_names_the_networks_not_the_file(tmp_path):
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    assert weights_digest(a, None) == weights_digest(b)
+    with torch.no_grad():
+        b.bias[1] += 1e-6
+    assert weights_digest(a) != weights_digest(b)
+    assert weights_digest(a, b) != weights_digest(b, a)

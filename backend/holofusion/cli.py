@@ -267,7 +267,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--batch", type=_positive_int("--batch"), default=8, help="objects sampled at once (default: 8)")
     p.add_argument("--out", default=None,
                    help="metrics JSON to write (default: eval_<category>.json beside the model, i.e. in its run "
-                        "folder); the sample sheet goes beside it as <name>_samples.png")
+                        "folder); the sample sheet goes beside it as <name>_samples.png. With --preset standard or "
+                        "high, each object is kept in <name>.objects/ as it is measured: run the same command again "
+                        "after an interruption and it continues where it stopped")
     p.add_argument("--inception", default=None, metavar="PATH",
                    help="Inception-v3 weights for FID/KID: not supported in this version (exits with a message)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")

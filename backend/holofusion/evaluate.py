@@ -43,6 +43,7 @@ FID/KID on renders need an Inception-v3 network and its weights; this version ha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -824,6 +825,73 @@ def _finite(v: Any) -> Any:
     return v
 
 
+def weights_digest(*modules: torch.nn.Module | None) -> str:
+    """sha256 over the parameters and buffers of ``modules`` (names, shapes, dtypes, values): the same digest means the
+    same networks, whatever file or folder they were loaded from."""
+    h = hashlib.sha256()
+    for m in modules:
+        if m is None:
+            continue
+        for name, t in sorted(m.state_dict().items()):
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            flat = t.detach().cpu().contiguous().reshape(-1)  # reshape: 0-d buffers (step counters) too
+            h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class ObjectStore:
+    """The measured objects of a pipeline evaluation, one file per seed in a folder beside the metrics JSON
+    (``<json stem>.objects/``), written as each object is done. A standard evaluation of 100 objects takes most of an
+    hour on a CPU; stopped by a crash, Ctrl-C or a closed laptop, the same command continues where it stopped, and a
+    larger ``--samples`` adds to what is there. Reuse is exact because an object depends only on its seed and the
+    ``key`` (the networks' digest, the preset, the category and the surface settings): a stored object is the one the
+    pipeline would make again. A folder written under another key is emptied, not mixed in."""
+
+    KEY_FILE = "key.json"
+
+    def __init__(self, folder: Path, key: dict[str, Any]):
+        self.folder, self.key = folder, json.loads(json.dumps(key))
+        self.kept = 0
+        key_file = folder / self.KEY_FILE
+        if folder.is_dir():
+            try:
+                same = json.loads(key_file.read_text()) == self.key
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                for f in folder.glob("seed_*.pt"):
+                    f.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(key_file, json.dumps(self.key, indent=2) + "\n")
+
+    def _path(self, seed: int) -> Path:
+        return self.folder / f"seed_{seed:010d}.pt"
+
+    def get(self, seed: int) -> tuple[ColouredPoints, Tensor] | None:
+        """(surface points, sheet strip) of ``seed`` if stored (an unreadable file counts as not stored)."""
+        try:
+            d = torch.load(self._path(seed), map_location="cpu", weights_only=True)
+            found = ColouredPoints(d["points"], d["colours"], d["empty"]), d["strip"]
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError):
+            return None
+        self.kept += 1
+        return found
+
+    def put(self, seed: int, sets: ColouredPoints, strip: Tensor) -> None:
+        d = {"points": sets.points.cpu(), "colours": sets.colours.cpu(), "empty": sets.empty.cpu(),
+             "strip": strip.cpu()}
+        path = self._path(seed)
+        tmp = path.with_name(f".{path.name}.partial")
+        torch.save(d, tmp)
+        tmp.replace(path)  # a file is whole or absent: a run killed mid-write leaves no half object
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def evaluate_model(model_path: str, data: str, category: str | None, samples: int, steps: int = 25,
                    sampler: str = "dpm++", points: int = 2048, out: str | Path | None = None,
                    inception: str | None = None, seed: int = 0, batch: int = 8,
@@ -841,7 +909,10 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
     model and measure the distilled objects, the surfaces a user's meshes are cut from (the preset sets the steps).
 
     The surface level is ``opacity_length`` when given, else the model's calibrated one (``opacity_length_of``);
-    ``surface`` sets the rest of the surface extraction (its own ``opacity_length`` is not used)."""
+    ``surface`` sets the rest of the surface extraction (its own ``opacity_length`` is not used).
+
+    With a pipeline preset each measured object is written to ``<json stem>.objects/`` as it is done
+    (``ObjectStore``): the same command after an interruption continues where it stopped."""
     from .diffusion import SAMPLERS
     from .plots import sample_sheet
 
@@ -866,9 +937,15 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
     # References are subsampled with their own fixed seeds: every --seed is compared with the same point sets.
     refs, split, note, ref_coloured, ref_names = reference_points(root, name, points)
 
+    stem = f"eval_{name}" if preset == "draft" else f"eval_{name}_{preset}"
+    out_path = Path(out) if out is not None else \
+        (Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent) / f"{stem}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
     seeds = list(range(seed, seed + samples))
     framing = turntable_settings(model_file(model_path))
     k = min(sheet_objects, samples)
+    reused: dict[str, Any] = {}
     if pipe is None:
         zs, sets = [], []
         bar = tqdm(total=samples * steps, desc="sampling", unit="step", disable=not progress)
@@ -890,13 +967,27 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         from .pipeline import PRESETS
 
         steps, sampler = PRESETS[preset].coarse_steps, "dpm++"
+        store = ObjectStore(out_path.with_name(f"{out_path.stem}.objects"), {
+            "weights": weights_digest(pipe.hd, pipe.sr), "configs": repr((pipe.hd.config, pipe.sr.config)),
+            "preset": [preset, repr(PRESETS[preset])], "category": name, "surface": asdict(scfg),
+            "sheet": [sheet_views, sheet_size, list(framing)], "device": str(pipe.device), "torch": torch.__version__})
         sets, strips = [], []
-        for s in tqdm(seeds, desc=f"{preset} preset", unit="obj", disable=not progress):
-            grid, decoder = pipe(s, cond, preset).field()  # the distilled grid and its explicit field
-            sets.append(surface_points(grid, decoder, "softplus", scfg, [torch.Generator().manual_seed(s)]))
-            if len(strips) < k:
-                strips.append(_field_turntable(grid, decoder, sheet_views, sheet_size, framing))
+        bar = tqdm(seeds, desc=f"{preset} preset", unit="obj", disable=not progress)
+        for i, s in enumerate(bar):
+            found = store.get(s)
+            if found is None:
+                grid, decoder = pipe(s, cond, preset).field()  # the distilled grid and its explicit field
+                pts = surface_points(grid, decoder, "softplus", scfg, [torch.Generator().manual_seed(s)])
+                # every object's strip is kept (a fraction of a second): a later, larger sheet needs no re-run
+                found = pts, _field_turntable(grid, decoder, sheet_views, sheet_size, framing)
+                store.put(s, *found)
+            sets.append(found[0])
+            if i < k:
+                strips.append(found[1])
+            bar.set_postfix_str(f"{store.kept} kept from {store.folder.name}" if store.kept else "", refresh=False)
+        bar.close()
         sheet_rgb = torch.stack(strips)
+        reused = {"objects_folder": store.folder.name, "objects_reused": store.kept}
     gen_sets = ColouredPoints.cat(sets)
 
     w = colour_weight if colour_weight is not None else colour_weight_for(refs)
@@ -914,10 +1005,6 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
     if n_empty:
         notes.append(f"{n_empty} of {n} samples have no surface at the level (empty): they count as infinitely far")
 
-    stem = f"eval_{name}" if preset == "draft" else f"eval_{name}_{preset}"
-    out_path = Path(out) if out is not None else \
-        (Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent) / f"{stem}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     sheet_path = out_path.with_name(f"{out_path.stem}_samples.png")
     sample_sheet(sheet_rgb, sheet_path, title=f"{name} ({preset}): seeds {seed}..{seed + k - 1}")
 
@@ -935,7 +1022,7 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         "diversity_ratio": None if results["coloured"] is None else results["coloured"]["diversity_ratio"],
         "diversity_ratio_geometry": results["geometry"]["diversity_ratio"],
         "fid": None, "kid": None, "fid_note": FID_NOTE,
-        "notes": notes, "sample_sheet": sheet_path.name, "seconds": round(time.perf_counter() - t0, 2),
+        "notes": notes, "sample_sheet": sheet_path.name, "seconds": round(time.perf_counter() - t0, 2), **reused,
     }
     report = _finite(report)
     tmp = out_path.with_name(f".{out_path.name}.partial")
@@ -966,4 +1053,7 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{f(m['diversity_ratio']):>10}")
     lines.append(f"FID/KID: {report['fid_note'] if report['fid'] is None else report['fid']}")
     lines += [f"note: {n}" for n in report.get("notes", [])]
+    if report.get("objects_reused"):
+        lines.append(f"{report['objects_reused']} of the {report['samples']} objects were measured by an earlier run "
+                     f"and kept in {report['objects_folder']}/ (delete it to measure them again)")
     return "\n".join(lines)
