@@ -1025,9 +1025,7 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         "notes": notes, "sample_sheet": sheet_path.name, "seconds": round(time.perf_counter() - t0, 2), **reused,
     }
     report = _finite(report)
-    tmp = out_path.with_name(f".{out_path.name}.partial")
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    tmp.replace(out_path)
+    _atomic_write_text(out_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report, out_path, sheet_path
 
 
