@@ -976,6 +976,8 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         for i, s in enumerate(bar):
             found = store.get(s)
             if found is None:
+                if store.kept:  # kept objects load in a blink, too fast for the bar to redraw: show them now
+                    bar.set_postfix_str(f"{store.kept} kept from {store.folder.name}")
                 grid, decoder = pipe(s, cond, preset).field()  # the distilled grid and its explicit field
                 pts = surface_points(grid, decoder, "softplus", scfg, [torch.Generator().manual_seed(s)])
                 # every object's strip is kept (a fraction of a second): a later, larger sheet needs no re-run
@@ -984,7 +986,6 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
             sets.append(found[0])
             if i < k:
                 strips.append(found[1])
-            bar.set_postfix_str(f"{store.kept} kept from {store.folder.name}" if store.kept else "", refresh=False)
         bar.close()
         sheet_rgb = torch.stack(strips)
         reused = {"objects_folder": store.folder.name, "objects_reused": store.kept}
