@@ -972,8 +972,8 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
             "preset": [preset, repr(PRESETS[preset])], "category": name, "surface": asdict(scfg),
             "sheet": [sheet_views, sheet_size, list(framing)], "device": str(pipe.device), "torch": torch.__version__})
         sets, strips = [], []
-        bar = tqdm(seeds, desc=f"{preset} preset", unit="obj", disable=not progress)
-        for i, s in enumerate(bar):
+        bar = tqdm(total=len(seeds), desc=f"{preset} preset", unit="obj", disable=not progress)
+        for i, s in enumerate(seeds):
             found = store.get(s)
             if found is None:
                 if store.kept:  # kept objects load in a blink, too fast for the bar to redraw: show them now
@@ -986,6 +986,7 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
             sets.append(found[0])
             if i < k:
                 strips.append(found[1])
+            bar.update(1)
         bar.close()
         sheet_rgb = torch.stack(strips)
         reused = {"objects_folder": store.folder.name, "objects_reused": store.kept}
