@@ -61,6 +61,7 @@ from .errors import UserError
 from .grid import VoxelGrid
 from .nets.decoder import Decoder
 from .render import activate_density
+from .weights import atomic_torch_save
 
 __all__ = [
     "SurfaceConfig",
@@ -880,10 +881,7 @@ class ObjectStore:
     def put(self, seed: int, sets: ColouredPoints, strip: Tensor) -> None:
         d = {"points": sets.points.cpu(), "colours": sets.colours.cpu(), "empty": sets.empty.cpu(),
              "strip": strip.cpu()}
-        path = self._path(seed)
-        tmp = path.with_name(f".{path.name}.partial")
-        torch.save(d, tmp)
-        tmp.replace(path)  # a file is whole or absent: a run killed mid-write leaves no half object
+        atomic_torch_save(d, self._path(seed))  # whole or absent: a run killed mid-write leaves no half object
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
