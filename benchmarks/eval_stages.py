@@ -7,8 +7,10 @@ For each object (seeds 1000, 1001, ...): the coarse HoloDiffusion grid; K + M vi
 distilled from the first K only. Then:
 - sharpness: mean image-gradient magnitude of the distilled renders over that of the coarse renders, at the M
   held-out views, same cameras and size (ratio > 1: sharper); beside it the held-out super-resolved views' own
-  ratio, the most a fit to such views could reach; with ``--view-size N`` also both rendered at N px, the size an
-  artist views the object at (the super-resolved views exist only at the model's size);
+  ratio, the most a fit to such views could reach; each also split into the rim (within 2 px of the coarse
+  silhouette) and the rest, the object's surface (``sharpness_ratio_rim_*``, ``sharpness_ratio_inside_*``);
+  with ``--view-size N`` also both rendered at N px, the size an artist views the object at (the super-resolved
+  views exist only at the model's size);
 - consistency: PSNR of the distilled renders against the M held-out super-resolved views, which the fit never saw
   (beside it, the coarse renders' PSNR against the same views), and against the mean of ``--sr-samples`` other
   seeds' super-resolved views there (the model's expected view); beside them, one seed's view against another's,
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from holofusion.distill import ExplicitField, psnr, sharpness
+from holofusion.distill import ExplicitField, psnr, rim_mask, sharpness, sharpness_split
 from holofusion.evaluate import (ColouredPoints, SurfaceConfig, chamfer_matrix, generative_metrics, reference_points,
                                  surface_points)
 from holofusion.pipeline import PRESETS, HoloFusionPipeline, with_distill
@@ -100,16 +102,21 @@ def main() -> None:
         grid, iterations = pipe.distill(coarse, views[fit_idx], cams[fit_idx], fit_cond, seed, pre, None)
         with torch.no_grad():
             held = cams[held_idx]
-            c_img = render_grid(coarse, pipe.hd.decoder, held, look).rgb.permute(0, 3, 1, 2).clamp(0, 1)
+            c_out = render_grid(coarse, pipe.hd.decoder, held, look)
+            c_img = c_out.rgb.permute(0, 3, 1, 2).clamp(0, 1)
             d_img = render_grid(grid, ExplicitField(), held, look).rgb.permute(0, 3, 1, 2).clamp(0, 1)
         target = views[held_idx]
+        # Where the gradient is: within 2 px of the coarse silhouette (the rim) or elsewhere (surface detail).
+        rim = rim_mask(c_out.alpha.reshape(m, 1, *c_img.shape[-2:]))
         extra = {}
+        for name, img in (("coarse", c_img), ("distilled", d_img), ("held_out_sr", target)):
+            extra[f"sharpness_rim_{name}"], extra[f"sharpness_inside_{name}"] = sharpness_split(img, rim)
         if args.view_size:
             big = held.resize((args.view_size, args.view_size))
             with torch.no_grad():
                 cb = render_grid(coarse, pipe.hd.decoder, big, look).rgb.permute(0, 3, 1, 2).clamp(0, 1)
                 db = render_grid(grid, ExplicitField(), big, look).rgb.permute(0, 3, 1, 2).clamp(0, 1)
-            extra = {"sharpness_coarse_view_size": sharpness(cb), "sharpness_distilled_view_size": sharpness(db)}
+            extra.update(sharpness_coarse_view_size=sharpness(cb), sharpness_distilled_view_size=sharpness(db))
         # The super-resolution model's own spread: other seeds' views at the held-out cameras. Their mean estimates
         # what a view-consistent object should agree with; one seed against another is the agreement of two samples.
         held_cond = _subset(cond, held_idx)
@@ -152,6 +159,10 @@ def main() -> None:
             summary["sharpness_coarse_view_size"], 1e-12)
     # The ceiling: the super-resolved views themselves over the coarse renders.
     summary["sharpness_ratio_sr"] = summary["sharpness_held_out_sr"] / max(summary["sharpness_coarse"], 1e-12)
+    for part in ("rim", "inside"):
+        for name in ("distilled", "held_out_sr"):
+            summary[f"sharpness_ratio_{part}_{name}"] = summary[f"sharpness_{part}_{name}"] / max(
+                summary[f"sharpness_{part}_coarse"], 1e-12)
     for name, sets in (("coarse", coarse_sets), ("distilled", fine_sets)):
         s = ColouredPoints.cat(sets)
         both = ColouredPoints.cat([s, refs])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from holofusion.distill import (DistillConfig, ExplicitField, GridFit, backproject_colour, distill, initial_grid,
-                                object_box, patch_loss, sharpness, start_grid, view_cameras)
+                                object_box, patch_loss, rim_mask, sharpen_density, sharpness, sharpness_split,
+                                start_grid, view_cameras)
 from holofusion.errors import UserError
 from holofusion.grid import VoxelGrid
 from holofusion.pipeline import PRESETS, HoloFusionPipeline, PipelineCancelled, with_distill
@@ -57,7 +58,8 @@ def test_patch_loss_l1_is_the_mean_absolute_error():
 @pytest.mark.parametrize("bad, words", [({"colour_resolution": 1}, "colour_resolution"),
                                         ({"colour_resolution": 128}, "colour_resolution"),
                                         ({"loss": "huber"}, "loss must be"),
-                                        ({"colour_init": "texture"}, "colour_init")])
+                                        ({"colour_init": "texture"}, "colour_init"),
+                                        ({"sharpen": 0.5}, "sharpen must be")])
 def test_distill_config_refuses_bad_settings(bad, words):
     with pytest.raises(ValueError, match=words):
         DistillConfig(**bad)
@@ -74,6 +76,37 @@ def test_initial_grid_reproduces_the_coarse_fields(pipe):
     torch.testing.assert_close(got.density_raw, want.density_raw, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got.rgb, pipe.hd.decoder.mean_colour(coarse.sample(pts)[0]).clamp(1e-3, 1 - 1e-3),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_sharpening_keeps_the_surface_and_steepens_the_rim(pipe):
+    """A fog-edged ball (density falling off smoothly through the surface level at radius 1): sharpened, its
+    density crosses the level at the same cells (the same surface), rises faster inside and falls faster outside,
+    and its silhouettes are crisper (fewer half-transparent pixels); colour is untouched."""
+    level, r = 1.4, 24
+    shell = VoxelGrid(torch.zeros(1, 1, r, r, r), (-2.0,) * 3, (2.0,) * 3)
+    radius = shell.cell_centers().norm(dim=-1).reshape(1, 1, r, r, r)
+    sigma = level * torch.exp(-2.0 * (radius - 1.0))  # level at radius 1, e-fold every half unit
+    colour = torch.randn(1, 3, r, r, r, generator=torch.Generator().manual_seed(0))
+    plain = VoxelGrid(torch.cat([torch.log(torch.expm1(sigma)), colour], 1), shell.box_min, shell.box_max)
+    sharp = sharpen_density(plain, level, 4.0)
+    torch.testing.assert_close(sharp.features[:, 1:], colour)
+    s0 = torch.nn.functional.softplus(plain.features[:, 0])
+    s1 = torch.nn.functional.softplus(sharp.features[:, 0])
+    assert bool(((s0 > level) == (s1 > level)).all())
+    inside, outside = s0 > 1.2 * level, s0 < level / 1.2
+    assert bool((s1[inside] > s0[inside]).all()) and bool((s1[outside] < s0[outside]).all())
+    assert float(s1.max()) <= 30.0 + 1e-3  # capped: opaque within about a cell, no larger
+    cams = view_cameras(4, 9.0, 3.0, 32)
+    look = RenderConfig(n_coarse=64, n_fine=32)
+    with torch.no_grad():
+        a0 = render_grid(plain, ExplicitField(), cams, look).alpha
+        a1 = render_grid(sharp, ExplicitField(), cams, look).alpha
+    soft0, soft1 = int(((a0 > 0.05) & (a0 < 0.95)).sum()), int(((a1 > 0.05) & (a1 < 0.95)).sum())
+    assert soft1 < 0.6 * soft0, (soft0, soft1)
+    # start_grid sharpens only with the model's surface level to keep.
+    coarse = pipe.coarse(3, None, 5, None)
+    with pytest.raises(ValueError, match="surface level"):
+        start_grid(coarse, pipe.hd.decoder, DistillConfig(resolution=8, sharpen=2.0))
 
 
 def test_view_cameras_cover_the_band_and_look_at_the_object():
@@ -222,6 +255,25 @@ def test_sharpness_measures_edges():
     stripes = flat.clone()
     stripes[..., ::2] = 1.0
     assert sharpness(flat) == 0.0 and sharpness(stripes) > 0.3
+
+
+def test_sharpness_splits_into_rim_and_the_rest():
+    """A disc on white with a soft edge and stripes inside: the rim part holds the edge's gradient, the rest the
+    stripes', and the two add up to the whole."""
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    r = ((xx - 15.5) ** 2 + (yy - 15.5) ** 2).sqrt()
+    alpha = (10.0 - r).clamp(0, 1)[None, None]
+    inner = torch.full((1, 3, 32, 32), 0.2)
+    img = alpha * inner + (1 - alpha)  # a dark disc on white
+    rim = rim_mask(alpha)
+    assert rim.shape == (1, 31, 31) and bool(rim[0, 15, 5]) and not bool(rim[0, 15, 15]) and not bool(rim[0, 0, 0])
+    edge, rest = sharpness_split(img, rim)
+    assert edge > 0 and rest == pytest.approx(0.0, abs=1e-7)
+    striped = img.clone()
+    striped[..., 12:20, 12:20:2] = 0.6  # stripes well inside the disc
+    edge2, rest2 = sharpness_split(striped, rim)
+    assert edge2 == pytest.approx(edge) and rest2 > 0.01
+    assert edge2 + rest2 == pytest.approx(sharpness(striped), rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------------

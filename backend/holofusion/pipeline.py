@@ -32,7 +32,7 @@ from .data.co3d import mask_crop_box
 from .diffusion import SamplingCancelled
 from .distill import DistillCancelled, DistillConfig, ExplicitField, distill, start_grid, view_cameras
 from .errors import UserError
-from .evaluate import opacity_length_of
+from .evaluate import density_level, opacity_length_of
 from .grid import VoxelGrid
 from .holodiffusion import HoloDiffusion, load_holodiffusion
 from .server.protocol import MAX_SEED
@@ -269,7 +269,7 @@ class HoloFusionPipeline:
         if cfg.patch_size + 2 * cfg.shift_tolerance > side:  # a small super-resolution model's views
             cfg = replace(cfg, patch_size=max(2, side - 2 * cfg.shift_tolerance))
         with torch.no_grad():
-            init = start_grid(coarse, self.hd.decoder, cfg)
+            init = start_grid(coarse, self.hd.decoder, cfg, level=density_level(self.opacity_length()))
 
         def resample(renders: Tensor, strength: float, round_: int) -> Tensor:
             return self.super_resolve(cond, seed, pre.sr_steps, None, init=renders, strength=strength,
