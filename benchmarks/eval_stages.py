@@ -120,8 +120,9 @@ def main() -> None:
         # The super-resolution model's own spread: other seeds' views at the held-out cameras. Their mean estimates
         # what a view-consistent object should agree with; one seed against another is the agreement of two samples.
         held_cond = _subset(cond, held_idx)
-        init = (pipe.sr.upsampled(held_cond)[:, :3] * 0.5 + 0.5).clamp(0, 1) if pre.sr_strength < 1 else None
-        others = torch.stack([pipe.sr.sample(held_cond, [seed * 7919 + r * 101 + j for j in range(m)],
+        sr = pipe.sr_for(pre)
+        init = (sr.upsampled(held_cond)[:, :3] * 0.5 + 0.5).clamp(0, 1) if pre.sr_strength < 1 else None
+        others = torch.stack([sr.sample(held_cond, [seed * 7919 + r * 101 + j for j in range(m)],
                                              steps=pre.sr_steps, init=init, strength=pre.sr_strength)
                               for r in range(args.sr_samples)])
         sr_mean = others.mean(0)

@@ -76,7 +76,8 @@ def _categories(self, context):
 
 PRESETS = [("draft", "Draft", "Coarse HoloDiffusion grid only: seconds"),
            ("standard", "Standard", "Super-resolved and distilled: finer detail"),
-           ("high", "High", "More views and iterations: slowest, sharpest")]
+           ("high", "High", "More views and iterations, and 4x super-resolution where the model has it: slowest, "
+                            "sharpest")]
 
 
 class HoloFusionSettings(bpy.types.PropertyGroup):

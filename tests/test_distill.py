@@ -302,6 +302,35 @@ def test_draft_is_the_coarse_stage_only(pipe):
     assert torch.equal(out.coarse.features, same.features)
 
 
+def test_the_high_preset_takes_the_folders_larger_factor_model(tiny_models, tmp_path):
+    """A folder with superres_high.safetensors (here an untrained 2x larger one): `high` draws its views with it,
+    at its size; `standard` keeps superres.safetensors; the folder loads, and one with only the high model is
+    refused with a clear message."""
+    from holofusion.superres import SuperRes, SuperResConfig
+    from holofusion.weights import save_weights
+
+    folder = tmp_path / "pipe4x"
+    folder.mkdir()
+    for name in ("holodiffusion.safetensors", "superres.safetensors"):
+        (folder / name).write_bytes((tiny_models["pipeline"] / name).read_bytes())
+    base = HoloFusionPipeline.from_pretrained(str(folder))
+    assert base.sr_high is None and base.sr_for(PRESETS["high"]) is base.sr  # no 4x model: high uses superres
+    cfg = SuperResConfig.from_dict({**base.sr.config.to_dict(), "high_size": 2 * base.sr.config.high_size})
+    torch.manual_seed(0)
+    save_weights(folder / "superres_high.safetensors", SuperRes(cfg).state_dict(), "superres", cfg.to_dict(), {})
+    pipe4x = HoloFusionPipeline.from_pretrained(str(folder))
+    assert pipe4x.sr_for(PRESETS["high"]) is pipe4x.sr_high and pipe4x.sr_for(PRESETS["standard"]) is pipe4x.sr
+    small = replace(PRESETS["high"], views=2, sr_steps=2, coarse_steps=3,
+                    distill=replace(PRESETS["high"].distill, resolution=12, iterations=3, patches=2, patch_size=8))
+    out = pipe4x(3, preset=small)
+    assert out.views.shape[-1] == cfg.high_size and out.cameras.image_size == (cfg.high_size, cfg.high_size)
+    std = pipe4x(3, preset=replace(small, sr_model="superres"))
+    assert std.views.shape[-1] == base.sr.config.high_size
+    (folder / "superres.safetensors").unlink()
+    with pytest.raises(UserError, match="no superres.safetensors"):
+        HoloFusionPipeline.from_pretrained(str(folder))
+
+
 @pytest.mark.parametrize("stage", ["coarse", "superres", "distill"])
 def test_the_callback_stops_each_stage(pipe, stage):
     seen: list[tuple[str, int, int]] = []

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from holofusion.errors import UserError
-from holofusion.generate import GenerateJob, generate, list_models, model_for, output_paths
+from holofusion.generate import GenerateJob, format_models, generate, list_models, model_for, output_paths
 from holofusion.mesh.gltf import read_glb
 from holofusion.pipeline import PRESETS, with_distill
 
@@ -111,6 +111,11 @@ def test_shipped_models_are_complete_and_within_the_size_budget():
         assert (MODELS_DIR / r["name"] / "MODEL_CARD.md").is_file(), r["name"]
     total = sum(f.stat().st_size for f in MODELS_DIR.rglob("*") if f.is_file())
     assert total <= 60e6, f"models/ holds {total / 1e6:.1f} MB"
+    # The apple ships a 4x super-resolution model for `high`, and the listing says which preset uses it.
+    assert {r["name"] for r in rows if r["superres_high"]} == {"apple"}
+    listing = format_models(rows).splitlines()
+    assert any(line.startswith("apple") and "high (4x)" in line for line in listing)
+    assert not any(line.startswith("donut") and "4x" in line for line in listing)
 
 
 def test_a_category_without_a_model_picks_the_model_that_knows_it():

@@ -329,7 +329,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--category", default=None, help="category to generate (default: the model's own, or any)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first object (default: 0)")
     p.add_argument("--preset", default="standard",
-                   help="draft (coarse stage only, seconds), standard or high (default: standard)")
+                   help="draft (coarse stage only, seconds), standard, or high (more views, a finer grid, and the "
+                        "model's 4x super-resolution where it has one; `holofusion models` marks it) "
+                        "(default: standard)")
     p.add_argument("--count", type=_positive_int("--count"), default=1, help="objects, consecutive seeds "
                                                                               "(default: 1)")
     p.add_argument("--out", default="object.glb", help="output .glb path (default: object.glb)")

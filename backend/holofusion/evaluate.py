@@ -966,7 +966,9 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
 
         steps, sampler = PRESETS[preset].coarse_steps, "dpm++"
         store = ObjectStore(out_path.with_name(f"{out_path.stem}.objects"), {
-            "weights": weights_digest(pipe.hd, pipe.sr), "configs": repr((pipe.hd.config, pipe.sr.config)),
+            # The super-resolution model this preset draws with (``high`` takes a folder's 4x model).
+            "weights": weights_digest(pipe.hd, pipe.sr_for(PRESETS[preset])),
+            "configs": repr((pipe.hd.config, pipe.sr_for(PRESETS[preset]).config)),
             "preset": [preset, repr(PRESETS[preset])], "category": name, "surface": asdict(scfg),
             "sheet": [sheet_views, sheet_size, list(framing)], "device": str(pipe.device), "torch": torch.__version__})
         sets, strips = [], []

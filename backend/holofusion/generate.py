@@ -229,6 +229,7 @@ def list_models(root: Path = MODELS_DIR) -> list[dict[str, Any]]:
                      "sizes": {c: default_size(c) for c in cats},
                      "holodiffusion_step": meta["info"].get("step"),
                      "superres": sr.is_file(),
+                     "superres_high": (d / "superres_high.safetensors").is_file(),
                      "presets": list(PRESETS) if sr.is_file() else ["draft"]})
     return rows
 
@@ -253,7 +254,8 @@ def format_models(rows: list[dict[str, Any]]) -> str:
         return f"no models in {MODELS_DIR}"
     lines = [f"{'name':<16} {'categories':<32} presets"]
     for r in rows:
-        lines.append(f"{r['name']:<16} {','.join(r['categories']):<32} {', '.join(r['presets'])}")
+        presets = ", ".join(f"{p} (4x)" if p == "high" and r.get("superres_high") else p for p in r["presets"])
+        lines.append(f"{r['name']:<16} {','.join(r['categories']):<32} {presets}")
     return "\n".join(lines)
 
 

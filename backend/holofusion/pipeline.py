@@ -13,7 +13,8 @@ Stages (HoloFusion, Karnewar et al. 2023):
    baked into the grid, then a patch-wise fit of density and colour to all of them.
 
 Presets: ``draft`` stops after stage 1 (seconds); ``standard`` runs all three; ``high`` uses more views, a finer
-grid and more iterations. The callback gets ``(stage, step, total, preview)`` (preview an (H, W, 3) image in [0, 1]
+grid and more iterations, and the folder's 4x super-resolution model (``superres_high.safetensors``) where it has
+one. The callback gets ``(stage, step, total, preview)`` (preview an (H, W, 3) image in [0, 1]
 or None) after every step of every stage and stops the run by returning False (``PipelineCancelled``). Every random
 draw comes from generators seeded by the seed: the same model, seed and preset give the same object.
 """
@@ -41,7 +42,8 @@ from .superres import Condition, SuperRes, load_superres
 __all__ = ["HoloFusionPipeline", "PipelineOutput", "PipelineCancelled", "Preset", "PRESETS", "MODELS_DIR"]
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
-"""The shipped models: ``models/<name>/holodiffusion.safetensors`` (+ ``superres.safetensors``)."""
+"""The shipped models: ``models/<name>/holodiffusion.safetensors`` (+ ``superres.safetensors``, and optionally
+``superres_high.safetensors``, the ``high`` preset's larger-factor super-resolution model)."""
 
 PipelineCallback = Callable[[str, int, int, "Tensor | None"], "bool | None"]
 
@@ -74,6 +76,9 @@ class Preset:
     """Camera distance of the K views (world units); the framing comes from the object's silhouette."""
     elevation_deg: tuple[float, float] = (-5.0, 50.0)
     """The band of the sphere the views cover (the training views' elevations)."""
+    sr_model: str = "superres"
+    """Which of the folder's super-resolution models draws the views: "superres", or "superres_high" (its
+    larger-factor model, ``superres_high.safetensors``, where the folder has one; else "superres")."""
 
 
 # The fit settings of ``standard`` were chosen on held-out apples (benchmarks/eval_stages.py, seeds 1000-1003):
@@ -82,11 +87,16 @@ class Preset:
 # from the views baked into the grid (colour_init "views") rather than from the coarse colour is what first made
 # the distilled renders agree with held-out views better than the coarse renders do (README, "HoloFusion").
 _FIT = dict(resample_every=0, tv_weight=0.01, colour_init="views")
+# ``high`` starts from a sharpened grid (the coarse surface with a crisp rim, ``DistillConfig.sharpen``) under a
+# tenth of the density TV, which would otherwise smooth the rim back into the coarse fog, and keeps the colour's TV;
+# with a folder's 4x super-resolution model (128 px views) that made the distilled renders both sharper and more
+# consistent with held-out views than the standard fit's (README, "HoloFusion").
+_SHARP = dict(_FIT, tv_weight=0.001, tv_colour_weight=0.01, sharpen=2.0)
 PRESETS: dict[str, Preset] = {
     "draft": Preset(superres=False),
     "standard": Preset(distill=DistillConfig(**_FIT)),
-    "high": Preset(coarse_steps=50, views=32, sr_steps=20,
-                   distill=DistillConfig(resolution=96, iterations=600, patches=16, **_FIT)),
+    "high": Preset(coarse_steps=50, views=32, sr_steps=20, sr_model="superres_high",
+                   distill=DistillConfig(resolution=96, iterations=600, patches=16, **_SHARP)),
 }
 
 
@@ -129,10 +139,18 @@ class HoloFusionPipeline:
     """The three stages of HoloFusion around a trained HoloDiffusion model and (optionally) its super-resolution
     model. Without one, only the ``draft`` preset runs."""
 
-    def __init__(self, holodiffusion: HoloDiffusion, superres: SuperRes | None = None, name: str = ""):
+    def __init__(self, holodiffusion: HoloDiffusion, superres: SuperRes | None = None, name: str = "",
+                 superres_high: SuperRes | None = None):
         self.hd = holodiffusion.eval()
         self.sr = superres.eval() if superres is not None else None
+        self.sr_high = superres_high.eval() if superres_high is not None else None
         self.name = name
+
+    def sr_for(self, preset: Preset) -> SuperRes | None:
+        """The super-resolution model ``preset`` draws its views with (``Preset.sr_model``)."""
+        if preset.sr_model == "superres_high" and self.sr_high is not None:
+            return self.sr_high
+        return self.sr
 
     @property
     def device(self) -> torch.device:
@@ -173,12 +191,18 @@ class HoloFusionPipeline:
         if hd_path is None:
             raise UserError(f"{str(p)!r} holds no holodiffusion.safetensors (nor holodiffusion/model.safetensors)")
         hd = load_holodiffusion(str(hd_path), device)
-        sr_path = find("superres")
-        sr = load_superres(str(sr_path), device)[0] if sr_path is not None else None
-        if sr is not None and sr.config.cond_features != hd.config.decoder.n_features_out:
-            raise UserError(f"{str(sr_path)!r} expects {sr.config.cond_features} rendered feature channels; the "
-                            f"HoloDiffusion model renders {hd.config.decoder.n_features_out}")
-        return cls(hd, sr, p.name)
+        srs = {}
+        for stem in ("superres", "superres_high"):
+            sr_path = find(stem)
+            sr = load_superres(str(sr_path), device)[0] if sr_path is not None else None
+            if sr is not None and sr.config.cond_features != hd.config.decoder.n_features_out:
+                raise UserError(f"{str(sr_path)!r} expects {sr.config.cond_features} rendered feature channels; "
+                                f"the HoloDiffusion model renders {hd.config.decoder.n_features_out}")
+            srs[stem] = sr
+        if srs["superres"] is None and srs["superres_high"] is not None:
+            raise UserError(f"{str(p)!r} holds superres_high.safetensors but no superres.safetensors, which the "
+                            "standard preset needs")
+        return cls(hd, srs["superres"], p.name, srs["superres_high"])
 
     # ------------------------------------------------------------------ stages
     def __call__(self, seed: int, category: str | None = None, preset: str | Preset = "standard",
@@ -225,7 +249,7 @@ class HoloFusionPipeline:
     def conditions(self, coarse: VoxelGrid, pre: Preset) -> tuple[PerspectiveCamera, Condition]:
         """The K view cameras at the super-resolution size, each cropped around the coarse object's silhouette like
         a training image, and the coarse renders at those views (the super-resolution model's conditions)."""
-        cfg = self.sr.config
+        cfg = self.sr_for(pre).config
         probe = 64  # silhouettes are measured on a 64 px render with a wide view
         wide = view_cameras(pre.views, pre.view_distance, 1.2, probe, pre.elevation_deg).to(self.device)
         alpha = self.hd.render(coarse.features, wide).alpha[..., 0].cpu()
@@ -240,24 +264,25 @@ class HoloFusionPipeline:
 
     def first_views(self, cond: Condition, seed: int, pre: Preset, callback: PipelineCallback | None) -> Tensor:
         """Stage 2 as a preset runs it: from pure noise, or from the noised coarse renders (``sr_strength`` < 1)."""
+        sr = self.sr_for(pre)
         init = None
         if pre.sr_strength < 1:
-            init = (self.sr.upsampled(cond)[:, :3] * 0.5 + 0.5).clamp(0, 1)
-        return self.super_resolve(cond, seed, pre.sr_steps, callback, init=init, strength=pre.sr_strength)
+            init = (sr.upsampled(cond)[:, :3] * 0.5 + 0.5).clamp(0, 1)
+        return self.super_resolve(cond, seed, pre.sr_steps, callback, init=init, strength=pre.sr_strength, sr=sr)
 
     def super_resolve(self, cond: Condition, seed: int, steps: int, callback: PipelineCallback | None,
                       init: Tensor | None = None, strength: float = 1.0, round_: int = 0,
-                      x0_hook=None) -> Tensor:
-        """Stage 2: (K, 3, H, W) super-resolved views; view k of round r draws from a generator seeded by (seed, r,
-        k) alone."""
+                      x0_hook=None, sr: SuperRes | None = None) -> Tensor:
+        """Stage 2: (K, 3, H, W) super-resolved views by ``sr`` (default: the folder's ``superres``); view k of round
+        r draws from a generator seeded by (seed, r, k) alone."""
         seeds = [_view_seed(seed, round_, k) for k in range(len(cond))]
 
         def step(i: int, total: int, x0: Tensor) -> bool:
             return _go(callback, "superres", i, total, None)
 
         try:
-            return self.sr.sample(cond, seeds, steps=steps, init=init, strength=strength,
-                                  callback=step if round_ == 0 else None, x0_hook=x0_hook)
+            return (sr or self.sr).sample(cond, seeds, steps=steps, init=init, strength=strength,
+                                          callback=step if round_ == 0 else None, x0_hook=x0_hook)
         except SamplingCancelled as e:
             raise PipelineCancelled("superres", str(e)) from None
 
@@ -271,16 +296,18 @@ class HoloFusionPipeline:
         with torch.no_grad():
             init = start_grid(coarse, self.hd.decoder, cfg, level=density_level(self.opacity_length()))
 
+        sr = self.sr_for(pre)
+
         def resample(renders: Tensor, strength: float, round_: int) -> Tensor:
             return self.super_resolve(cond, seed, pre.sr_steps, None, init=renders, strength=strength,
-                                      round_=round_)
+                                      round_=round_, sr=sr)
 
         def step(i: int, total: int, preview: Tensor | None) -> bool:
             return _go(callback, "distill", i, total, preview)
 
         def sync(renders: Tensor, strength: float, steps: int, hook) -> Tensor:
             return self.super_resolve(cond, seed, steps, None, init=renders, strength=strength, round_=SYNC_ROUND,
-                                      x0_hook=hook)
+                                      x0_hook=hook, sr=sr)
 
         gen = torch.Generator().manual_seed(_view_seed(seed, 999, 0))
         try:
