@@ -329,6 +329,8 @@ def test_the_high_preset_takes_the_folders_larger_factor_model(tiny_models, tmp_
     (folder / "superres.safetensors").unlink()
     with pytest.raises(UserError, match="no superres.safetensors"):
         HoloFusionPipeline.from_pretrained(str(folder))
+    with pytest.raises(ValueError, match="sr_model must be"):
+        replace(PRESETS["high"], sr_model="superres4x")
 
 
 @pytest.mark.parametrize("stage", ["coarse", "superres", "distill"])

@@ -82,7 +82,8 @@ class DistillConfig(DictConfig):
     """Steepness of the start grid's rim (``sharpen_density``; 1: the coarse density as it is). The coarse density
     rises over about one coarse cell, a fog a few pixels wide at every silhouette that the patch fit, which the
     views' one-pixel disagreements keep from committing to an edge, leaves where it is; raised to this power about
-    the surface level, the same surface starts out as crisp as a real object's."""
+    the surface level, the same surface starts out with a crisp rim (2 in ``high``; 3 made the rim cells take the
+    background's colour from views a pixel off)."""
     sharpen_max: float = 30.0
     """Largest density (per world unit) the sharpened start grid takes: opaque within about a cell."""
     colour_resolution: int | None = None

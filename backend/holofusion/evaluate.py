@@ -965,10 +965,9 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         from .pipeline import PRESETS
 
         steps, sampler = PRESETS[preset].coarse_steps, "dpm++"
+        sr = pipe.sr_for(PRESETS[preset])  # the model this preset draws with (``high``: a folder's 4x one)
         store = ObjectStore(out_path.with_name(f"{out_path.stem}.objects"), {
-            # The super-resolution model this preset draws with (``high`` takes a folder's 4x model).
-            "weights": weights_digest(pipe.hd, pipe.sr_for(PRESETS[preset])),
-            "configs": repr((pipe.hd.config, pipe.sr_for(PRESETS[preset]).config)),
+            "weights": weights_digest(pipe.hd, sr), "configs": repr((pipe.hd.config, sr.config)),
             "preset": [preset, repr(PRESETS[preset])], "category": name, "surface": asdict(scfg),
             "sheet": [sheet_views, sheet_size, list(framing)], "device": str(pipe.device), "torch": torch.__version__})
         sets, strips = [], []

@@ -80,6 +80,10 @@ class Preset:
     """Which of the folder's super-resolution models draws the views: "superres", or "superres_high" (its
     larger-factor model, ``superres_high.safetensors``, where the folder has one; else "superres")."""
 
+    def __post_init__(self) -> None:
+        if self.sr_model not in ("superres", "superres_high"):
+            raise ValueError(f"sr_model must be 'superres' or 'superres_high'; got {self.sr_model!r}")
+
 
 # The fit settings of ``standard`` were chosen on held-out apples (benchmarks/eval_stages.py, seeds 1000-1003):
 # no re-sampling rounds and TV 0.01 matched or beat the defaults of DistillConfig on agreement with held-out
