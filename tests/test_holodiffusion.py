@@ -451,3 +451,39 @@ def test_model_files_from_before_object_noise_keep_voxel_noise(tmp_path):
     assert old.config.global_noise == "voxel" and old.config.offset_noise == 0.0
     raw = torch.randn((2, 8, 8, 8, 8), generator=torch.Generator().manual_seed(0))
     assert torch.equal(old.shape_noise(raw), raw)
+
+
+def test_pyramid_noise_adds_block_offsets_at_each_scale_and_keeps_unit_variance():
+    """pyramid_noise = c adds c times one N(0, 1) value per block and local channel at each of pyramid_blocks' sizes
+    (from the block's voxel mean, no new random numbers), on top of offset_noise's whole-grid term, rescaled to unit
+    variance per voxel: the block means' spread rises far above white noise's b^-1.5 at every scale. Off (0, every
+    older file) the local noise is exactly what offset_noise alone gives."""
+    base = {**tiny_config()["model"], "grid_size": 16, "unet": {**tiny_config()["model"]["unet"], "grid_size": 16}}
+    c = 0.4
+    model = HoloDiffusion(HoloDiffusionConfig.from_dict({**base, "pyramid_noise": c, "pyramid_blocks": [4, 8]}))
+    g = model.config.encoder.global_slice()
+    raw = torch.randn((200, 8, 16, 16, 16), generator=torch.Generator().manual_seed(0))
+    loc = model.shape_noise(raw)[:, :g.start]
+    assert abs(float(loc.var()) - 1) < 0.02  # the analytic rescaling is right
+    for b in (4, 8, 16):
+        n = 16 // b
+        block_means = loc.reshape(200, g.start, n, b, n, b, n, b).mean(dim=(3, 5, 7))
+        assert float(block_means.std()) > 3 * float(b) ** -1.5
+    # Within a 4^3 block (below the pyramid) the deviations from its mean are the drawn ones, scaled.
+    dev = loc - loc.reshape(200, g.start, 4, 4, 4, 4, 4, 4).mean(dim=(3, 5, 7), keepdim=True).reshape(
+        200, g.start, 4, 1, 4, 1, 4, 1).expand(200, g.start, 4, 4, 4, 4, 4, 4).reshape(loc.shape)
+    raw_loc = raw[:, :g.start]
+    dev_raw = raw_loc - raw_loc.reshape(200, g.start, 4, 4, 4, 4, 4, 4).mean(dim=(3, 5, 7), keepdim=True).reshape(
+        200, g.start, 4, 1, 4, 1, 4, 1).expand(200, g.start, 4, 4, 4, 4, 4, 4).reshape(loc.shape)
+    ratio = float((dev * dev_raw).sum() / (dev_raw * dev_raw).sum())
+    assert torch.allclose(dev, dev_raw * ratio, atol=1e-5) and 0.5 < ratio < 1
+    off = HoloDiffusion(HoloDiffusionConfig.from_dict(base))
+    assert off.config.pyramid_noise == 0 and torch.equal(off.shape_noise(raw)[:, :g.start],
+                                                         HoloDiffusion(off.config).shape_noise(raw)[:, :g.start])
+    plain = HoloDiffusion(HoloDiffusionConfig.from_dict({**base, "pyramid_noise": 0.0, "offset_noise": 0.0}))
+    assert torch.equal(plain.shape_noise(raw)[:, :g.start], raw[:, :g.start])
+    for bad in ([3], [16], [32], [4, 4], []):
+        with pytest.raises(ValueError, match="pyramid_blocks"):
+            HoloDiffusionConfig.from_dict({**base, "pyramid_noise": c, "pyramid_blocks": bad})
+    with pytest.raises(ValueError, match="pyramid_noise"):
+        HoloDiffusionConfig.from_dict({**base, "pyramid_noise": -1.0})

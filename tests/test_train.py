@@ -84,6 +84,22 @@ def test_init_from_a_model_file_takes_every_weight_and_keeps_its_normalisation(s
                             init_from=str(model_file))
 
 
+def test_init_from_a_model_file_may_change_the_noise_structure(source_run, tmp_path):
+    """A continuation may diffuse with other noise (offset, multi-scale pyramid): the denoiser's weights fit any of
+    them and adapt; the file it writes records the new structure, so sampling uses what it was trained with."""
+    from holofusion.holodiffusion import load_holodiffusion
+
+    data, src = source_run
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"base": "tiny", "model": {"pyramid_noise": 0.3, "pyramid_blocks": [2, 4]}}))
+    t = train_holodiffusion(str(data), "apple", str(cfg), str(tmp_path / "pyr"), max_steps=32, progress=False,
+                            init_from=str(src / "model.safetensors"))
+    assert t.step == 32
+    model = load_holodiffusion(str(tmp_path / "pyr" / "model.safetensors"))
+    assert model.config.pyramid_noise == 0.3 and model.config.pyramid_blocks == (2, 4)
+    assert load_holodiffusion(str(src / "model.safetensors")).config.pyramid_noise == 0.0
+
+
 def test_resume_with_a_longer_schedule_and_refusal_to_move_a_crossed_boundary(source_run, tmp_path):
     data, src = source_run
     run = tmp_path / "copy"

@@ -74,6 +74,15 @@ class HoloDiffusionConfig:
     so its overall colour is settled late and from almost nothing, as the global code was with "voxel" noise: the
     apple model's samples kept 0.54 to 0.74 of the data's spread of those means (0.8 to 0.9 at 2 to 8 cells).
     "Offset noise" (Guttenberg 2023) diffuses them like the rest; 0 is white noise (the default for old files)."""
+    pyramid_noise: float = 0.0
+    """Weight c of the same kind of offset at the scales between a voxel and the grid (multi-resolution noise,
+    Whitaker 2023): for each block size b in ``pyramid_blocks`` one N(0, 1) value per b^3 block and local channel
+    (the block's voxel mean of the noise times b^1.5, no new random numbers) is added with weight c, on top of
+    ``offset_noise``'s whole-grid term, and the sum rescaled to unit variance per voxel. White noise settles an
+    object's parts at those scales (its girth, the size of its head) late and from little, as it did its overall
+    colour; 0 (the default, and every model file from before it) adds nothing."""
+    pyramid_blocks: tuple[int, ...] = (4, 8)
+    """Block sizes (in voxels) of ``pyramid_noise`` (when it is on): powers of two smaller than the grid."""
     seed: int = 0
     """Seed of the initial weights."""
 
@@ -89,6 +98,15 @@ class HoloDiffusionConfig:
             raise ValueError(f"global_noise must be one of {', '.join(GLOBAL_NOISE)}; got {self.global_noise!r}")
         if not 0.0 <= self.offset_noise <= 10.0:
             raise ValueError(f"offset_noise must be in [0, 10]; got {self.offset_noise}")
+        if not 0.0 <= self.pyramid_noise <= 10.0:
+            raise ValueError(f"pyramid_noise must be in [0, 10]; got {self.pyramid_noise}")
+        self.pyramid_blocks = tuple(int(b) for b in self.pyramid_blocks)
+        bad = [b for b in self.pyramid_blocks if b < 2 or b >= self.grid_size or self.grid_size % b or b & (b - 1)]
+        if self.pyramid_noise > 0 and (bad or not self.pyramid_blocks
+                                       or len(set(self.pyramid_blocks)) != len(self.pyramid_blocks)):
+            raise ValueError(f"pyramid_blocks must be distinct powers of two from 2 up to half the grid "
+                             f"({self.grid_size // 2}) that divide grid_size {self.grid_size}; got "
+                             f"{list(self.pyramid_blocks)}")
         if self.unet.num_classes not in (0, len(self.categories)):
             raise ValueError(f"unet.num_classes ({self.unet.num_classes}) must be 0 or the number of categories "
                              f"({len(self.categories)})")
@@ -220,7 +238,9 @@ class HoloDiffusion(nn.Module):
         S^1.5, so no further random numbers are drawn and every stream stays as it was), the same in every voxel."""
         g = self.config.encoder.global_slice()
         c = self.config.offset_noise
-        if c > 0:
+        if self.config.pyramid_noise > 0:
+            noise = torch.cat([self._multiscale(noise[:, :g.start]), noise[:, g.start:]], 1)
+        elif c > 0:
             # Local channels: e + c * d with d = mean(e) * S^1.5, so e - mean(e) + (1 + c S^1.5) mean(e); its
             # variance per voxel is 1 + 2c S^-1.5 + c^2, divided out to keep the schedule's unit-variance noise.
             loc = noise[:, :g.start]
@@ -233,6 +253,25 @@ class HoloDiffusion(nn.Module):
         n = noise[:, g]
         per_object = n.mean(dim=(2, 3, 4), keepdim=True) * float(n[0, 0].numel()) ** 0.5
         return torch.cat([noise[:, :g.start], per_object.expand_as(n), noise[:, g.stop:]], 1)
+
+    def _multiscale(self, e: Tensor) -> Tensor:
+        """e + sum_k w_k m_k over the pyramid's blocks and the whole grid (offset_noise), rescaled to unit variance.
+
+        m_b, the block mean of e times b^1.5 (repeated over the block), is N(0, 1) per voxel; Cov(e, m_b) = b^-1.5
+        and, for nested blocks a < b, Cov(m_a, m_b) = (a / b)^1.5, which gives the variance divided out."""
+        s = e.shape[-1]
+        terms = [(b, self.config.pyramid_noise) for b in sorted(self.config.pyramid_blocks)]
+        if self.config.offset_noise > 0:
+            terms.append((s, self.config.offset_noise))
+        out, var = e, 1.0
+        for i, (b, w) in enumerate(terms):
+            n = s // b
+            blocks = e.reshape(*e.shape[:2], n, b, n, b, n, b).mean(dim=(3, 5, 7)) * float(b) ** 1.5
+            up = blocks.repeat_interleave(b, 2).repeat_interleave(b, 3).repeat_interleave(b, 4)
+            out = out + w * up
+            var += w * w + 2.0 * w * float(b) ** -1.5
+            var += sum(2.0 * w * w2 * (b2 / b) ** 1.5 for b2, w2 in terms[:i])
+        return out / var ** 0.5
 
     # ------------------------------------------------------------------ losses
     def photometric_loss(self, z: Tensor, targets: Targets, generator: torch.Generator | None,

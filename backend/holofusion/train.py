@@ -480,7 +480,8 @@ class Trainer(RunLoop):
         # The diffusion's noise structure may change (the weights fit either; the denoiser then adapts to it).
         theirs = HoloDiffusionConfig.from_dict(meta["config"]).to_dict()
         ours = self.model_config.to_dict()
-        theirs["global_noise"], theirs["offset_noise"] = ours["global_noise"], ours["offset_noise"]
+        for key in ("global_noise", "offset_noise", "pyramid_noise", "pyramid_blocks"):
+            theirs[key] = ours[key]
         if theirs != ours:
             diff = sorted(k for k in ours if theirs.get(k) != ours[k])
             raise UserError(f"--init-from: {str(source)!r} was built with other model settings ({', '.join(diff)}); "
@@ -570,7 +571,7 @@ class Trainer(RunLoop):
         return _spread(torch.stack(rgbs), torch.stack(alphas))
 
 
-DENOISER_ONLY = ("unet", "global_noise", "offset_noise", "cfg_drop")
+DENOISER_ONLY = ("unet", "global_noise", "offset_noise", "pyramid_noise", "pyramid_blocks", "cfg_drop")
 """Model settings of the denoiser alone: a run branched from another run's autoencoder (--init-from) may change
 them."""
 
