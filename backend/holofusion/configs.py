@@ -42,10 +42,11 @@ BUILTIN: dict[str, dict[str, Any]] = {
     "cpu": {
         "model": {
             "grid_size": 16, "box_half_size": 3.5,
-            # 10 learned local channels and 6 per-object global channels (object-wide colour: see nets/encoder.py),
+            # 10 learned local channels and 6 per-object global channels (meant for object-wide colour: nets/encoder.py),
             # no raw-colour channels: with them the denoiser had to reproduce view-averaged colour in empty space,
             # which is texture of the source views rather than of the object, could not, and left it as mottled
-            # noise; the global code carries the colour instead (measured: docs/design notes in the README).
+            # noise. The global code was meant to carry the colour instead, but in every shipped autoencoder its tanh
+            # saturated (a constant per channel): colour is carried by the local channels (README, design notes).
             "encoder": {"channels": 16, "global_channels": 6, "raw_color_channels": 0, "cnn_width": 32,
                         "cnn_layers": 4, "feature_dim": 32, "refine_layers": 1},
             "decoder": {"n_features_in": 16, "hidden_dim": 64, "n_hidden_layers": 2, "n_harmonics_dir": 2,
