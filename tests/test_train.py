@@ -65,6 +65,18 @@ def test_autoencoder_latent_noise_is_seeded_and_off_by_default(source_run):
     with pytest.raises(ValueError, match="generator"):
         m.autoencoder_loss(images, cams, targets, None, 0.1, 0.3)
 
+    # The global code's noise has its own std (ae_global_noise; None: the latent noise's).
+    def loss_g(noise: float, global_noise: float | None) -> float:
+        with torch.no_grad():
+            return m.autoencoder_loss(images, cams, targets, torch.Generator().manual_seed(1), 0.1, noise,
+                                      latent_l2=0.0, global_noise=global_noise)[0].item()
+
+    assert m.config.encoder.global_channels > 0
+    assert loss_g(0.3, None) == loss_g(0.3, 0.3) == loss(0.3, 1) != loss_g(0.3, 0.0)
+    assert loss_g(0.0, 0.5) != clean  # noise on the code alone
+    assert TrainConfig().ae_global_noise is None
+    assert TrainConfig.from_dict({"ae_global_noise": 0.0}).ae_global_noise == 0.0
+
 
 def test_init_from_a_model_file_takes_every_weight_and_keeps_its_normalisation(source_run, tmp_path):
     data, src = source_run

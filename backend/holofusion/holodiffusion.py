@@ -293,18 +293,25 @@ class HoloDiffusion(nn.Module):
     def autoencoder_loss(self, images: Tensor, cameras: PerspectiveCamera, targets: Targets,
                          generator: torch.Generator | None, mask_weight: float = 0.1,
                          latent_noise: float = 0.0, colour_noise: float = 0.0,
-                         latent_l2: float = 0.0) -> tuple[Tensor, dict]:
+                         latent_l2: float = 0.0, global_noise: float | None = None) -> tuple[Tensor, dict]:
         """Photometric loss of the encoder's own grid. ``latent_noise`` adds Gaussian noise of that std (in the
         encoder's [-1, 1] units) to the grid first, so the decoder learns to render slightly-off grids, like the
         denoiser's outputs, as clean objects instead of colour speckles. ``colour_noise`` is the std used instead on
         the raw-colour channels: voxel-by-voxel colour is what a denoiser gets wrong first (mottled samples), and a
-        decoder that cannot trust it takes the object's base colour from the global code. ``latent_l2`` weighs a
+        decoder that cannot trust it takes the object's base colour from the global code. ``global_noise`` is the
+        std on the global code's channels (None: ``latent_noise``). ``latent_l2`` weighs a
         penalty on the squared local channels: features the decoder does not need (empty space, what one set of
         source views happened to see) go to zero instead of staying as view-dependent texture that a denoiser
         cannot predict from the object and so leaves as noise."""
         z = self.encode(images, cameras)
         l2 = z[:, :self.config.encoder.local_channels].pow(2).mean() if latent_l2 > 0 else None
-        if latent_noise > 0 or colour_noise > 0:
+        g = self.config.encoder.global_slice()
+        # How much the global code differs between the batch's objects: near 0 means it has saturated into a
+        # constant (what happened to the shipped autoencoders), which the training log should show early.
+        spread = z[:, g, 0, 0, 0].std(0).mean().item() if g.stop > g.start and z.shape[0] > 1 else None
+        if global_noise is None:
+            global_noise = latent_noise
+        if latent_noise > 0 or colour_noise > 0 or global_noise > 0:
             if generator is None:
                 raise ValueError("latent or colour noise > 0 draws noise: pass a generator")
             noise = torch.randn(z.shape, generator=generator)
@@ -314,10 +321,13 @@ class HoloDiffusion(nn.Module):
             # they are in every grid the denoiser produces.
             noise[:, g] = noise[:, g, :1, :1, :1].expand_as(noise[:, g])
             std = torch.full((z.shape[1],), float(latent_noise))
+            std[g] = float(global_noise)
             if enc.raw_color_channels:
                 std[-enc.raw_color_channels:] = max(float(colour_noise), float(latent_noise))
             z = z + (std.view(1, -1, 1, 1, 1) * noise).to(z.device)
         loss, stats = self.photometric_loss(z, targets, generator, mask_weight)
+        if spread is not None:
+            stats["code_spread"] = spread
         if l2 is not None:
             loss = loss + latent_l2 * l2
             stats["latent_l2"] = l2.item()

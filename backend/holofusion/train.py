@@ -96,6 +96,9 @@ class TrainConfig(DictConfig):
     ``HoloDiffusion.autoencoder_loss``); 0 trains on clean grids."""
     ae_colour_noise: float = 0.0
     """Std of that noise on the raw-colour channels (the larger of the two applies there)."""
+    ae_global_noise: float | None = None
+    """Std of that noise on the global code's channels (None: ``ae_latent_noise``). With 0.15 there the shipped
+    autoencoders' code saturated into a constant (README, design notes); 0 leaves the code clean."""
     ae_latent_l2: float = 0.0
     """Weight of the penalty on the squared local latent channels in the autoencoder phase (see
     ``HoloDiffusion.autoencoder_loss``)."""
@@ -354,7 +357,7 @@ class Trainer(RunLoop):
         images, cams, targets, cat = self.scene_batch(gen)
         if phase == "autoencoder":
             return m.autoencoder_loss(images, cams, targets, gen, cfg.mask_weight, cfg.ae_latent_noise,
-                                      cfg.ae_colour_noise, cfg.ae_latent_l2)
+                                      cfg.ae_colour_noise, cfg.ae_latent_l2, cfg.ae_global_noise)
         return m.bootstrap_loss(images, cams, targets, cat, gen, cfg.mask_weight, cfg.bootstrap_prob,
                                 cfg.bootstrap_latent_weight)
 
