@@ -64,6 +64,13 @@ def test_autoencoder_latent_noise_is_seeded_and_off_by_default(source_run):
     assert loss(0.3, 1) == loss(0.3, 1) != clean  # seeded, and it does change the grid that is rendered
     with pytest.raises(ValueError, match="generator"):
         m.autoencoder_loss(images, cams, targets, None, 0.1, 0.3)
+    # The log carries how much the global code differs between the batch's objects (near 0: saturated).
+    with torch.no_grad():
+        stats = m.autoencoder_loss(images, cams, targets, None, 0.1)[1]
+        g = m.config.encoder.global_slice()
+        codes = m.encode(images, cams)[:, g, 0, 0, 0]
+    assert images.shape[0] > 1 and g.stop > g.start
+    assert stats["code_spread"] == pytest.approx(codes.std(0).mean().item(), rel=1e-5)
 
     # The global code's noise has its own std (ae_global_noise; None: the latent noise's).
     def loss_g(noise: float, global_noise: float | None) -> float:
@@ -71,7 +78,6 @@ def test_autoencoder_latent_noise_is_seeded_and_off_by_default(source_run):
             return m.autoencoder_loss(images, cams, targets, torch.Generator().manual_seed(1), 0.1, noise,
                                       latent_l2=0.0, global_noise=global_noise)[0].item()
 
-    assert m.config.encoder.global_channels > 0
     assert loss_g(0.3, None) == loss_g(0.3, 0.3) == loss(0.3, 1) != loss_g(0.3, 0.0)
     assert loss_g(0.0, 0.5) != clean  # noise on the code alone
     assert TrainConfig().ae_global_noise is None

@@ -97,8 +97,8 @@ class TrainConfig(DictConfig):
     ae_colour_noise: float = 0.0
     """Std of that noise on the raw-colour channels (the larger of the two applies there)."""
     ae_global_noise: float | None = None
-    """Std of that noise on the global code's channels (None: ``ae_latent_noise``). With 0.15 there the shipped
-    autoencoders' code saturated into a constant (README, design notes); 0 leaves the code clean."""
+    """Std of that noise on the global code's channels (None: ``ae_latent_noise``). 0 was tried to keep the code
+    from saturating into a constant, as it did in the shipped autoencoders, and did not (README, design notes)."""
     ae_latent_l2: float = 0.0
     """Weight of the penalty on the squared local latent channels in the autoencoder phase (see
     ``HoloDiffusion.autoencoder_loss``)."""

@@ -12,9 +12,10 @@ Optionally, ``global_channels`` hold one code per object, the same value in ever
 the pooled features over the grid, mapped linearly and squashed by tanh. They exist for the diffusion model: an
 object-wide property such as an apple's colour sits in a few numbers instead of being spread over thousands of voxels
 that a denoiser must agree on (without them, samples came out in mottled patches of every apple colour). The model
-keeps them constant when it denoises (``HoloDiffusion.project_global``). Caution, measured on the four shipped models:
-trained with latent noise (``TrainConfig.ae_latent_noise``) the tanh saturates at +-1 for every object, so the code
-becomes a constant and the colour stays in the local channels (README, design notes).
+keeps them constant when it denoises (``HoloDiffusion.project_global``). Caution, measured on the four shipped models
+and two fresh autoencoders: when the local channels carry colour too, the tanh saturates at +-1 for every object
+within the first 150 steps (``code_spread`` in the training log), so the code becomes a constant bias and the colour
+stays in the local channels (README, design notes).
 
 Channel order: [learned local | global | raw colour].
 """
