@@ -42,7 +42,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
     "cpu": {
         "model": {
             "grid_size": 16, "box_half_size": 3.5,
-            # 10 learned local channels and 6 per-object global channels (meant for object-wide colour: nets/encoder.py),
+            # 10 learned local channels and 6 per-object global channels (meant for object-wide colour, nets/encoder),
             # no raw-colour channels: with them the denoiser had to reproduce view-averaged colour in empty space,
             # which is texture of the source views rather than of the object, could not, and left it as mottled
             # noise. The global code was meant to carry the colour instead, but in every shipped autoencoder its tanh

@@ -240,7 +240,7 @@ class HoloDiffusion(nn.Module):
         c = self.config.offset_noise
         if self.config.pyramid_noise > 0:
             noise = torch.cat([self._multiscale(noise[:, :g.start]), noise[:, g.start:]], 1)
-        elif c > 0:
+        elif c > 0:  # _multiscale with no blocks, kept as it was so that shipped models draw bit-identical noise
             # Local channels: e + c * d with d = mean(e) * S^1.5, so e - mean(e) + (1 + c S^1.5) mean(e); its
             # variance per voxel is 1 + 2c S^-1.5 + c^2, divided out to keep the schedule's unit-variance noise.
             loc = noise[:, :g.start]
@@ -313,7 +313,7 @@ class HoloDiffusion(nn.Module):
             global_noise = latent_noise
         if latent_noise > 0 or colour_noise > 0 or global_noise > 0:
             if generator is None:
-                raise ValueError("latent or colour noise > 0 draws noise: pass a generator")
+                raise ValueError("latent, global or colour noise > 0 draws noise: pass a generator")
             noise = torch.randn(z.shape, generator=generator)
             enc = self.config.encoder
             g = enc.global_slice()
