@@ -470,16 +470,20 @@ def test_pyramid_noise_adds_block_offsets_at_each_scale_and_keeps_unit_variance(
         block_means = loc.reshape(200, g.start, n, b, n, b, n, b).mean(dim=(3, 5, 7))
         assert float(block_means.std()) > 3 * float(b) ** -1.5
     # Within a 4^3 block (below the pyramid) the deviations from its mean are the drawn ones, scaled.
-    dev = loc - loc.reshape(200, g.start, 4, 4, 4, 4, 4, 4).mean(dim=(3, 5, 7), keepdim=True).reshape(
-        200, g.start, 4, 1, 4, 1, 4, 1).expand(200, g.start, 4, 4, 4, 4, 4, 4).reshape(loc.shape)
-    raw_loc = raw[:, :g.start]
-    dev_raw = raw_loc - raw_loc.reshape(200, g.start, 4, 4, 4, 4, 4, 4).mean(dim=(3, 5, 7), keepdim=True).reshape(
-        200, g.start, 4, 1, 4, 1, 4, 1).expand(200, g.start, 4, 4, 4, 4, 4, 4).reshape(loc.shape)
+    def within_blocks(x):
+        blocks = x.reshape(200, g.start, 4, 4, 4, 4, 4, 4)
+        return (blocks - blocks.mean(dim=(3, 5, 7), keepdim=True)).reshape(x.shape)
+
+    dev, dev_raw = within_blocks(loc), within_blocks(raw[:, :g.start])
     ratio = float((dev * dev_raw).sum() / (dev_raw * dev_raw).sum())
     assert torch.allclose(dev, dev_raw * ratio, atol=1e-5) and 0.5 < ratio < 1
+    # Off, the local noise is offset_noise's alone: e + c S^1.5 mean(e), over sqrt(1 + 2c S^-1.5 + c^2).
     off = HoloDiffusion(HoloDiffusionConfig.from_dict(base))
-    assert off.config.pyramid_noise == 0 and torch.equal(off.shape_noise(raw)[:, :g.start],
-                                                         HoloDiffusion(off.config).shape_noise(raw)[:, :g.start])
+    c0, root = off.config.offset_noise, 16 ** 1.5
+    assert off.config.pyramid_noise == 0 and c0 > 0
+    raw_loc = raw[:, :g.start]
+    want = (raw_loc + c0 * root * raw_loc.mean(dim=(2, 3, 4), keepdim=True)) / (1 + 2 * c0 / root + c0 * c0) ** 0.5
+    assert torch.allclose(off.shape_noise(raw)[:, :g.start], want, atol=1e-6)
     plain = HoloDiffusion(HoloDiffusionConfig.from_dict({**base, "pyramid_noise": 0.0, "offset_noise": 0.0}))
     assert torch.equal(plain.shape_noise(raw)[:, :g.start], raw[:, :g.start])
     for bad in ([3], [16], [32], [4, 4], []):

@@ -483,7 +483,7 @@ class Trainer(RunLoop):
         # The diffusion's noise structure may change (the weights fit either; the denoiser then adapts to it).
         theirs = HoloDiffusionConfig.from_dict(meta["config"]).to_dict()
         ours = self.model_config.to_dict()
-        for key in ("global_noise", "offset_noise", "pyramid_noise", "pyramid_blocks"):
+        for key in NOISE_KEYS:
             theirs[key] = ours[key]
         if theirs != ours:
             diff = sorted(k for k in ours if theirs.get(k) != ours[k])
@@ -574,7 +574,10 @@ class Trainer(RunLoop):
         return _spread(torch.stack(rgbs), torch.stack(alphas))
 
 
-DENOISER_ONLY = ("unet", "global_noise", "offset_noise", "pyramid_noise", "pyramid_blocks", "cfg_drop")
+NOISE_KEYS = ("global_noise", "offset_noise", "pyramid_noise", "pyramid_blocks")
+"""Model settings of the diffusion's noise structure: a continuation (--init-from a model file) may change them."""
+
+DENOISER_ONLY = ("unet", *NOISE_KEYS, "cfg_drop")
 """Model settings of the denoiser alone: a run branched from another run's autoencoder (--init-from) may change
 them."""
 
