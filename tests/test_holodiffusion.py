@@ -491,3 +491,66 @@ def test_pyramid_noise_adds_block_offsets_at_each_scale_and_keeps_unit_variance(
             HoloDiffusionConfig.from_dict({**base, "pyramid_noise": c, "pyramid_blocks": bad})
     with pytest.raises(ValueError, match="pyramid_noise"):
         HoloDiffusionConfig.from_dict({**base, "pyramid_noise": -1.0})
+
+
+def test_autoguidance_pushes_the_prediction_away_from_the_guide_and_needs_the_same_latent_space(tmp_path,
+                                                                                               monkeypatch):
+    """x0 = x0_weak + w (x0 - x0_weak), once per step; w = 1 is the model alone; a guide must share the autoencoder,
+    the normalisation, the grid and the noise, and a model folder's guide.safetensors comes attached."""
+    model = perturbed_model()
+    cfg = model.config.to_dict()
+    cfg["unet"] = {**cfg["unet"], "base_channels": 8, "channel_mults": [1, 2]}
+    guide = HoloDiffusion(HoloDiffusionConfig.from_dict(cfg))
+    guide.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("unet.")}, strict=False)
+    with torch.no_grad():  # a guide whose zero-initialised output layer does not make it trivial
+        for q in guide.unet.parameters():
+            q.add_(0.05 * torch.randn(q.shape, generator=torch.Generator().manual_seed(5)))
+    guide.eval()
+    plain = model.sample([3, 7], steps=6)
+    with pytest.raises(ValueError, match="needs a guide"):
+        model.sample([3], steps=6, autoguidance=2.0)
+    model.attach_guide(guide)
+    assert model.guide is guide and "unet.conv_in.weight" in model.state_dict() and \
+        not any(k.startswith("_guide") for k in model.state_dict())  # not a submodule: same weights, same digest
+    assert torch.equal(model.sample([3, 7], steps=6), plain)  # w = 1: the guide is not called
+    guided = model.sample([3, 7], steps=6, autoguidance=2.0)
+    assert not torch.equal(guided, plain)
+    assert torch.equal(model.sample([3, 7], steps=6, autoguidance=2.0), guided)  # deterministic
+
+    # One step of the sampler sees exactly the mixed prediction.
+    from holofusion import holodiffusion as hd_module
+
+    x = torch.randn(2, 8, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([200, 800])
+    seen = {}
+    monkeypatch.setattr(hd_module, "sample", lambda denoise, x_init, *a, **k: seen.setdefault("x0", denoise(x, t)))
+    model.sample([1, 2], steps=1, autoguidance=3.0)
+    monkeypatch.undo()
+    with torch.no_grad():
+        x0, weak = model.denoise(x, t), guide.denoise(x, t)
+    torch.testing.assert_close(seen["x0"], weak + 3.0 * (x0 - weak))
+
+    # A guide on another latent space is refused, naming what differs.
+    other = copy.deepcopy(guide)
+    with torch.no_grad():
+        other.decoder.head.weight.add_(0.1)
+    with pytest.raises(ValueError, match="decoder"):
+        model.attach_guide(other)
+    cfg2 = dict(cfg, offset_noise=0.3)
+    with pytest.raises(ValueError, match="offset_noise"):
+        model.attach_guide(HoloDiffusion(HoloDiffusionConfig.from_dict(cfg2)))
+    model.attach_guide(None)
+    assert model.guide is None
+
+    # A model folder: holodiffusion.safetensors + guide.safetensors.
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_weights(folder / "holodiffusion.safetensors", model.state_dict(), "holodiffusion", model.config.to_dict())
+    save_weights(folder / "guide.safetensors", guide.state_dict(), "holodiffusion", guide.config.to_dict())
+    loaded = load_holodiffusion(str(folder / "holodiffusion.safetensors"))
+    assert loaded.guide is not None
+    assert torch.equal(loaded.sample([3, 7], steps=6, autoguidance=2.0), guided)
+    assert load_holodiffusion(str(folder / "holodiffusion.safetensors"), guide=False).guide is None
+    save_weights(folder / "guide.safetensors", other.state_dict(), "holodiffusion", other.config.to_dict())
+    with pytest.raises(UserError, match="guide.safetensors.*decoder"):
+        load_holodiffusion(str(folder / "holodiffusion.safetensors"))

@@ -227,3 +227,31 @@ def test_latent_cooldown_decays_the_rate_linearly_to_zero_and_a_resume_may_add_i
     assert rates[42] == pytest.approx(lr * 8 / 8) and rates[45] == pytest.approx(lr * 5 / 8)
     assert rates[49] == pytest.approx(lr / 8)  # the last step still moves the weights
     assert t.opt.param_groups[0]["lr"] == 0  # the autoencoder stays frozen
+
+
+def test_init_from_a_model_file_with_another_denoiser_trains_a_guide_on_its_latent_space(source_run, tmp_path):
+    """Only the denoiser's settings changed: the file's autoencoder and normalisation are kept, the denoiser starts
+    fresh in the latent phase, and the result can guide the file's model (autoguidance)."""
+    from holofusion.holodiffusion import load_holodiffusion
+
+    data, src = source_run
+    model_file = src / "model.safetensors"
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"base": "tiny", "model": {"unet": {"global_context": False, "base_channels": 8}}}))
+    t = train_holodiffusion(str(data), "apple", str(cfg), str(tmp_path / "guide"), max_steps=32, progress=False,
+                            init_from=str(model_file))
+    assert t.step == 32  # from the end of the autoencoder phase (30): two latent steps, not the file's step 31 on
+    theirs, _ = load_weights(model_file)
+    ours, _ = load_weights(tmp_path / "guide" / CHECKPOINT)
+    for k, v in theirs.items():
+        if not k.startswith("unet."):
+            assert torch.equal(v, ours[k]), k
+    assert ours["unet.conv_in.weight"].shape[0] == 8
+    assert json.loads((tmp_path / "guide" / "init_from.json").read_text())["weights"] == "autoencoder"
+    model = load_holodiffusion(str(model_file))
+    model.attach_guide(load_holodiffusion(str(tmp_path / "guide" / "model.safetensors")))
+    assert model.sample([0], steps=3, autoguidance=2.0).shape == model.sample([0], steps=3).shape
+    cfg.write_text(json.dumps({"base": "tiny", "model": {"box_half_size": 2.0, "unet": {"base_channels": 8}}}))
+    with pytest.raises(UserError, match="other model settings.*box_half_size.*only the denoiser"):
+        train_holodiffusion(str(data), "apple", str(cfg), str(tmp_path / "other"), progress=False,
+                            init_from=str(model_file))

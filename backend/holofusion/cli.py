@@ -249,6 +249,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--steps", type=_positive_int("--steps"), default=25,
                    help="sampler steps of the draft preset (default: 25)")
     p.add_argument("--sampler", choices=_SAMPLERS, default="dpm++", help="sampler of the draft preset (default: dpm++)")
+    p.add_argument("--autoguidance", type=float, default=None, metavar="W",
+                   help="weight of the model folder's guide.safetensors, a weaker denoiser the samples are pushed "
+                        "away from (default: the preset's, 2, where the folder has a guide; 1: no guidance)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample (default: 0)")
     p.add_argument("--points", type=_positive_int("--points"), default=2048,
                    help="points per surface and per reference cloud (default: 2048)")
@@ -291,7 +294,8 @@ def _cmd_evaluate(args) -> int:
                                                        min_component=0.0 if args.keep_floaters
                                                        else SurfaceConfig.min_component),
                                          args.colour_weight, device=args.device,
-                                         opacity_length=args.opacity_length, preset=args.preset)
+                                         opacity_length=args.opacity_length, preset=args.preset,
+                                         autoguidance=args.autoguidance)
     print(format_table(report))
     print(f"wrote {path}")
     print(f"wrote {sheet}")

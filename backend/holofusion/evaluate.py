@@ -896,7 +896,7 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
                    surface: SurfaceConfig | None = None, colour_weight: float | None = None,
                    sheet_objects: int = 16, sheet_views: int = 4, sheet_size: int = 64, device: str = "cpu",
                    progress: bool = True, opacity_length: float | None = None,
-                   preset: str = "draft") -> tuple[dict[str, Any], Path, Path]:
+                   preset: str = "draft", autoguidance: float | None = None) -> tuple[dict[str, Any], Path, Path]:
     """The ``holofusion evaluate`` command: metrics of ``samples`` seeds (seed, seed + 1, ...) against the held-out
     objects of ``category``. Writes the JSON (default ``<run>/eval_<category>.json``; ``eval_<category>_<preset>.json``
     for a preset other than draft) and a sample sheet beside it (``<json stem>_samples.png``); returns (metrics,
@@ -905,6 +905,9 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
     ``preset`` "draft" measures the coarse samples of a HoloDiffusion model (``steps`` and ``sampler`` apply);
     "standard" and "high" run the whole ``HoloFusionPipeline`` of a model folder that also holds a super-resolution
     model and measure the distilled objects, the surfaces a user's meshes are cut from (the preset sets the steps).
+
+    ``autoguidance`` is the weight of the model folder's guide (``HoloDiffusion.attach_guide``; 1: none); by
+    default the preset's where the folder has a guide, else 1.
 
     The surface level is ``opacity_length`` when given, else the model's calibrated one (``opacity_length_of``);
     ``surface`` sets the rest of the surface extraction (its own ``opacity_length`` is not used).
@@ -926,6 +929,15 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
     pipe = _load_pipeline(model_path, device, preset) if preset != "draft" else None
     model = pipe.hd if pipe is not None else _load_model(model_path, device)
     name, cond = _resolve_category(model, category)
+    from .pipeline import PRESETS
+
+    if autoguidance is None:
+        autoguidance = PRESETS[preset].autoguidance if model.guide is not None else 1.0
+    elif not (math.isfinite(autoguidance) and autoguidance >= 1):
+        raise UserError(f"--autoguidance must be at least 1 (1: no guide); got {autoguidance}")
+    elif autoguidance != 1 and model.guide is None:
+        raise UserError(f"--autoguidance {autoguidance} needs a model folder with a guide.safetensors, and "
+                        f"{model_path!r} has none; leave it out")
     if category is None:
         _check_category_in_data(root, name)
     if opacity_length is not None and not opacity_length > 0:
@@ -949,7 +961,8 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         bar = tqdm(total=samples * steps, desc="sampling", unit="step", disable=not progress)
         for start in range(0, samples, batch):
             chunk = seeds[start:start + batch]
-            x = model.sample(chunk, cond, steps=steps, sampler=sampler, callback=lambda *_: bar.update(len(chunk)))
+            x = model.sample(chunk, cond, steps=steps, sampler=sampler, callback=lambda *_: bar.update(len(chunk)),
+                             autoguidance=autoguidance)
             zs.append(model.denormalize(x))
         bar.close()
         z = torch.cat(zs)
@@ -962,13 +975,14 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         bar.close()
         sheet_rgb = _turntables(model, z[:k], sheet_views, sheet_size, framing)
     else:
-        from .pipeline import PRESETS
-
-        steps, sampler = PRESETS[preset].coarse_steps, "dpm++"
-        sr = pipe.sr_for(PRESETS[preset])  # the model this preset draws with (``high``: a folder's 4x one)
+        pre = replace(PRESETS[preset], autoguidance=autoguidance)
+        steps, sampler = pre.coarse_steps, "dpm++"
+        sr = pipe.sr_for(pre)  # the model this preset draws with (``high``: a folder's 4x one)
+        guide = pipe.hd.guide
         store = ObjectStore(out_path.with_name(f"{out_path.stem}.objects"), {
-            "weights": weights_digest(pipe.hd, sr), "configs": repr((pipe.hd.config, sr.config)),
-            "preset": [preset, repr(PRESETS[preset])], "category": name, "surface": asdict(scfg),
+            "weights": weights_digest(pipe.hd, sr, guide),
+            "configs": repr((pipe.hd.config, sr.config, guide.config if guide is not None else None)),
+            "preset": [preset, repr(pre)], "category": name, "surface": asdict(scfg),
             "sheet": [sheet_views, sheet_size, list(framing)], "device": str(pipe.device), "torch": torch.__version__})
         sets, strips = [], []
         bar = tqdm(total=len(seeds), desc=f"{preset} preset", unit="obj", disable=not progress)
@@ -977,7 +991,7 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
             if found is None:
                 if store.kept:  # kept objects load in a blink, too fast for the bar to redraw: show them now
                     bar.set_postfix_str(f"{store.kept} kept from {store.folder.name}")
-                grid, decoder = pipe(s, cond, preset).field()  # the distilled grid and its explicit field
+                grid, decoder = pipe(s, cond, pre).field()  # the distilled grid and its explicit field
                 pts = surface_points(grid, decoder, "softplus", scfg, [torch.Generator().manual_seed(s)])
                 # every object's strip is kept (a fraction of a second): a later, larger sheet needs no re-run
                 found = pts, _field_turntable(grid, decoder, sheet_views, sheet_size, framing)
@@ -1012,7 +1026,8 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
     report = {
         "model": str(Path(model_path).resolve()), "data": str(root.resolve()), "category": name,
         "reference_split": split, "references": len(refs), "reference_sequences": ref_names,
-        "preset": preset, "samples": n, "seed": seed, "steps": steps, "sampler": sampler, "points": points,
+        "preset": preset, "samples": n, "seed": seed, "steps": steps, "sampler": sampler,
+        "autoguidance": autoguidance, "points": points,
         "empty_samples": n_empty, "colour_weight": w,
         "colour_weight_rule": "given (--colour-weight)" if colour_weight is not None else
                               "balanced: colour and shape differences between the references weigh the same",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from .nets.encoder import Encoder, EncoderConfig
 from .nets.unet3d import UNet3D, UNet3DConfig
 from .render import RenderConfig, RenderOutput, render_grid
 
-__all__ = ["HoloDiffusionConfig", "HoloDiffusion", "Targets", "load_holodiffusion"]
+__all__ = ["GUIDE_FILE", "HoloDiffusionConfig", "HoloDiffusion", "Targets", "load_holodiffusion"]
 
 
 GLOBAL_NOISE = ("voxel", "object")
@@ -145,6 +146,11 @@ class Targets:
     mask: Tensor
 
 
+GUIDE_MAY_DIFFER = ("unet", "cfg_drop", "seed")
+"""Model settings an autoguidance model may have of its own: the denoiser's. Everything else (the autoencoder, the
+grid, the schedule and the noise's structure) must match, so that both denoisers read and predict the same latents."""
+
+
 class HoloDiffusion(nn.Module):
     """The HoloDiffusion model: encoder, decoder (+ renderer settings) and denoiser, with the latent normalisation."""
 
@@ -162,6 +168,9 @@ class HoloDiffusion(nn.Module):
         self.register_buffer("latent_mean", torch.zeros(c))
         self.register_buffer("latent_std", torch.ones(c))
         self.schedule = NoiseSchedule(config.schedule_steps, config.schedule)
+        # A weaker denoiser on the same latent space for autoguidance (``attach_guide``). Kept in a tuple so that
+        # it is not a submodule: the model's own weights, state dict and digest stay the same with or without it.
+        self._guide: tuple[HoloDiffusion, ...] = ()
 
     # ------------------------------------------------------------------ grids
     @property
@@ -386,14 +395,45 @@ class HoloDiffusion(nn.Module):
         return loss, stats
 
     # ------------------------------------------------------------------ sampling
+    @property
+    def guide(self) -> HoloDiffusion | None:
+        """The attached autoguidance model, if any."""
+        return self._guide[0] if self._guide else None
+
+    def attach_guide(self, guide: HoloDiffusion | None) -> None:
+        """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): while
+        sampling, the prediction is pushed away from that of a smaller, shorter-trained denoiser, x0 = x0_weak +
+        w (x0 - x0_weak). Both make the same broad errors; what the good model knows beyond the weak one is what
+        gets amplified, so samples move towards the data without the loss of variety of classifier-free guidance.
+
+        ``guide`` must share this model's latent space (the same autoencoder, normalisation, grid and noise);
+        ``None`` detaches it. Raises ``ValueError`` naming what differs."""
+        if guide is None:
+            self._guide = ()
+            return
+        ours, theirs = self.config.to_dict(), guide.config.to_dict()
+        differ = sorted(k for k in ours if k not in GUIDE_MAY_DIFFER and ours[k] != theirs.get(k))
+        mine, its = self.state_dict(), guide.state_dict()
+        differ += sorted({k.split(".")[0] for k in mine if not k.startswith("unet.")
+                          and (k not in its or not torch.equal(mine[k].cpu(), its[k].cpu()))})
+        if differ:
+            raise ValueError(f"the guide does not share this model's latent space: its {', '.join(differ)} differ "
+                             "(train it with --init-from this model and only the denoiser's settings changed)")
+        self._guide = (guide.to(self.device).eval(),)
+
     @torch.no_grad()
     def sample(self, seeds: Sequence[int], categories: Sequence[str | None] | str | None = None, steps: int = 25,
-               sampler: str = "dpm++", guidance: float = 1.0, callback: StepCallback | None = None) -> Tensor:
+               sampler: str = "dpm++", guidance: float = 1.0, callback: StepCallback | None = None,
+               autoguidance: float = 1.0) -> Tensor:
         """Samples one normalised latent per seed: (len(seeds), C, S, S, S). Object i depends on seeds[i] alone.
 
-        ``sampler="ancestral"`` with ``steps=1000`` is the original release's sampler. Use ``denormalize`` to turn
-        the result into a grid the decoder renders.
+        ``sampler="ancestral"`` with ``steps=1000`` is the original release's sampler. ``autoguidance`` w != 1 mixes
+        in the attached guide's prediction (``attach_guide``); 1 leaves it out. Use ``denormalize`` to turn the
+        result into a grid the decoder renders.
         """
+        if autoguidance != 1.0 and self.guide is None:
+            raise ValueError(f"autoguidance {autoguidance} needs a guide model (attach_guide; a model folder's "
+                             "guide.safetensors); use 1 for none")
         n = len(seeds)
         if isinstance(categories, str) or categories is None:
             categories = [categories] * n
@@ -403,20 +443,38 @@ class HoloDiffusion(nn.Module):
         cat = self.category_index(categories, n)
 
         def denoise(x_t: Tensor, t: Tensor) -> Tensor:
-            return self.denoise(x_t, t, cat, guidance)
+            x0 = self.denoise(x_t, t, cat, guidance)
+            if autoguidance != 1.0:
+                weak = self.guide.denoise(x_t, t, cat)
+                x0 = weak + autoguidance * (x0 - weak)
+            return x0
 
         return sample(denoise, x, self.schedule, sampler, steps, gens, callback, shape_noise=self.shape_noise)
 
 
-def load_holodiffusion(path: str, device: str | torch.device = "cpu") -> HoloDiffusion:
+GUIDE_FILE = "guide.safetensors"
+"""A model folder's autoguidance model, beside its ``holodiffusion.safetensors``."""
+
+
+def load_holodiffusion(path: str, device: str | torch.device = "cpu", guide: bool = True) -> HoloDiffusion:
     """A trained model from a weights file or a training run folder (its ``model.safetensors``: EMA denoiser).
 
-    Raises ``UserError`` with a clear sentence for a missing file, a file that is not safetensors, or a safetensors
-    file that is not a HoloDiffusion model.
+    A model folder's ``holodiffusion.safetensors`` comes with the folder's ``guide.safetensors`` attached
+    (``HoloDiffusion.attach_guide``) where there is one and ``guide`` is true.
+
+    Raises ``UserError`` with a clear sentence for a missing file, a file that is not safetensors, a safetensors
+    file that is not a HoloDiffusion model, or a guide that does not fit the model.
     """
+    from .errors import UserError
     from .weights import load_model
 
     model, meta = load_model(path, "holodiffusion", lambda cfg: HoloDiffusion(HoloDiffusionConfig.from_dict(cfg)),
                              device, "a HoloDiffusion model")
     model.info = meta["info"]
+    beside = Path(path).with_name(GUIDE_FILE)
+    if guide and Path(path).name == "holodiffusion.safetensors" and beside.is_file():
+        try:
+            model.attach_guide(load_holodiffusion(str(beside), device, guide=False))
+        except ValueError as e:
+            raise UserError(f"{str(beside)!r}: {e}") from None
     return model

@@ -485,13 +485,17 @@ class Trainer(RunLoop):
         ours = self.model_config.to_dict()
         for key in NOISE_KEYS:
             theirs[key] = ours[key]
+        step = int(meta["info"].get("step", 0))
         if theirs != ours:
             diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+            if set(diff) <= set(DENOISER_ONLY) and step >= self.cfg.ae_steps:
+                self._init_autoencoder_from_model(source, state, meta)
+                return
             raise UserError(f"--init-from: {str(source)!r} was built with other model settings ({', '.join(diff)}); "
-                            "use the config it was trained with")
+                            "use the config it was trained with, or change only the denoiser's settings "
+                            f"({', '.join(DENOISER_ONLY)}) to train a new denoiser on its autoencoder")
         self.model.load_state_dict(state)
         self.ema.load_state_dict(self.model.unet.state_dict())
-        step = int(meta["info"].get("step", 0))
         if step < self.cfg.ae_steps:
             # The config's autoencoder phase reaches beyond the file's step (an unfinished autoencoder, or one to
             # train further with other settings): it goes on from there; the latent normalisation and the surface
@@ -504,6 +508,19 @@ class Trainer(RunLoop):
         if self.rank == 0:
             (self.out / "init_from.json").write_text(json.dumps({"source": str(source), "step": meta["info"]["step"],
                                                                 "weights": "all"}))
+
+    def _init_autoencoder_from_model(self, source: Path, state: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """A new denoiser (other ``unet`` settings) on a model file's finished autoencoder and latent
+        normalisation: the file's latent space, unchanged, so that the two denoisers' predictions can be mixed
+        (autoguidance, ``HoloDiffusion.sample``) and their samples decoded by the same decoder."""
+        keep = {k: v for k, v in state.items() if k.startswith(("encoder.", "decoder.", "latent_"))}
+        self.model.load_state_dict(keep, strict=False)
+        self._keep_normalisation = True
+        self.surface = meta["info"].get("surface")
+        self.step = self.cfg.ae_steps
+        if self.rank == 0:
+            (self.out / "init_from.json").write_text(json.dumps({"source": str(source), "step": meta["info"]["step"],
+                                                                "weights": "autoencoder"}))
 
     # ------------------------------------------------------------------ pictures
     def write_pictures(self) -> None:
