@@ -496,7 +496,7 @@ def test_pyramid_noise_adds_block_offsets_at_each_scale_and_keeps_unit_variance(
 def test_autoguidance_pushes_the_prediction_away_from_the_guide_and_needs_the_same_latent_space(tmp_path,
                                                                                                monkeypatch):
     """x0 = x0_weak + w (x0 - x0_weak), once per step; w = 1 is the model alone; a guide must share the autoencoder,
-    the normalisation, the grid and the noise, and a model folder's guide.safetensors comes attached."""
+    the normalisation, the grid and the schedule, and a model folder's guide.safetensors comes attached."""
     model = perturbed_model()
     cfg = model.config.to_dict()
     cfg["unet"] = {**cfg["unet"], "base_channels": 8, "channel_mults": [1, 2]}
@@ -536,9 +536,8 @@ def test_autoguidance_pushes_the_prediction_away_from_the_guide_and_needs_the_sa
         other.decoder.head.weight.add_(0.1)
     with pytest.raises(ValueError, match="decoder"):
         model.attach_guide(other)
-    cfg2 = dict(cfg, offset_noise=0.3)
-    with pytest.raises(ValueError, match="offset_noise"):
-        model.attach_guide(HoloDiffusion(HoloDiffusionConfig.from_dict(cfg2)))
+    with pytest.raises(ValueError, match="box_half_size"):
+        model.attach_guide(HoloDiffusion(HoloDiffusionConfig.from_dict(dict(cfg, box_half_size=2.0))))
     model.attach_guide(None)
     assert model.guide is None
 

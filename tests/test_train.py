@@ -251,6 +251,22 @@ def test_init_from_a_model_file_with_another_denoiser_trains_a_guide_on_its_late
     model = load_holodiffusion(str(model_file))
     model.attach_guide(load_holodiffusion(str(tmp_path / "guide" / "model.safetensors")))
     assert model.sample([0], steps=3, autoguidance=2.0).shape == model.sample([0], steps=3).shape
+
+    # `holofusion guide` puts it into a model folder (its denoiser in float16), where it comes attached.
+    from holofusion.cli import main
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copyfile(model_file, folder / "holodiffusion.safetensors")
+    assert main(["guide", "--model", str(folder), "--from", str(tmp_path / "guide")]) == 0
+    stored, _ = load_weights(folder / "guide.safetensors")
+    assert stored["unet.conv_in.weight"].dtype == torch.float16 and stored["latent_std"].dtype == torch.float32
+    guided = load_holodiffusion(str(folder / "holodiffusion.safetensors"))
+    assert guided.guide is not None and guided.guide.unet.conv_in.weight.dtype == torch.float32
+    assert torch.equal(guided.guide.unet.conv_in.weight, stored["unet.conv_in.weight"].float())
+    assert not torch.equal(guided.sample([0], steps=3, autoguidance=2.0), guided.sample([0], steps=3))
+    assert main(["guide", "--model", str(folder), "--from", str(tmp_path / "nowhere")]) == 2
+    assert main(["guide", "--model", str(tmp_path / "guide"), "--from", str(model_file)]) == 2  # not a model folder
     cfg.write_text(json.dumps({"base": "tiny", "model": {"box_half_size": 2.0, "unet": {"base_channels": 8}}}))
     with pytest.raises(UserError, match="other model settings.*box_half_size.*only the denoiser"):
         train_holodiffusion(str(data), "apple", str(cfg), str(tmp_path / "other"), progress=False,

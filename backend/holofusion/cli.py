@@ -174,6 +174,9 @@ def _add_sample(sub) -> None:
                    help="objects to sample, seeds --seed, --seed+1, ... (default: 1)")
     p.add_argument("--steps", type=_positive_int("--steps"), default=25, help="sampler steps (default: 25)")
     p.add_argument("--sampler", choices=_SAMPLERS, default="dpm++", help="sampler (default: dpm++)")
+    p.add_argument("--autoguidance", type=float, default=None, metavar="W",
+                   help="weight of the model folder's guide.safetensors, a weaker denoiser the samples are pushed "
+                        "away from (default: the presets', 2, where the folder has a guide; 1: no guidance)")
     p.add_argument("--views", type=_positive_int("--views"), default=8, help="turntable views (default: 8)")
     p.add_argument("--size", type=_positive_int("--size"), default=128, help="turntable view size in pixels "
                                                                              "(default: 128)")
@@ -188,7 +191,7 @@ def _cmd_sample(args) -> int:
     from .evaluate import write_samples
 
     paths = write_samples(args.model, args.out, args.category, args.seed, args.count, args.steps, args.sampler,
-                          args.views, args.size, args.device, sheet=args.sheet)
+                          args.views, args.size, args.device, sheet=args.sheet, autoguidance=args.autoguidance)
     for path in paths:
         print(f"wrote {path}")
     return 0
@@ -224,6 +227,39 @@ def _cmd_calibrate(args) -> int:
     print(f"Chamfer to the true surfaces by opacity length: {table}")
     print(f"surface level: opacity length {surface['opacity_length']:g} (was "
           f"{(meta['info'].get('surface') or {}).get('opacity_length', 'not calibrated')}); wrote {path}")
+    return 0
+
+
+def _add_guide(sub) -> None:
+    p = sub.add_parser("guide", help="give a model folder an autoguidance model (guide.safetensors)",
+                       description="Write a weaker HoloDiffusion denoiser on the same autoencoder (an earlier "
+                                   "checkpoint of the model's own training, or one trained with --init-from the "
+                                   "model and a smaller U-Net) into a model folder as guide.safetensors, its "
+                                   "denoiser in float16. Sampling then pushes each prediction away from the "
+                                   "guide's (autoguidance, Karras et al. 2024) with the presets' weight, 2; "
+                                   "evaluate and sample take --autoguidance W (1: none).")
+    p.add_argument("--model", required=True, help="model folder (holding holodiffusion.safetensors) or a shipped "
+                                                  "model's name")
+    p.add_argument("--from", dest="source", required=True,
+                   help="the guide: a HoloDiffusion .safetensors file or a run folder (its model.safetensors) "
+                        "with the model's autoencoder and normalisation")
+    p.set_defaults(func=_cmd_guide)
+
+
+def _cmd_guide(args) -> int:
+    from .holodiffusion import GUIDE_FILE, save_guide
+    from .pipeline import MODELS_DIR
+
+    folder = Path(args.model)
+    if not folder.exists() and (MODELS_DIR / args.model).is_dir():
+        folder = MODELS_DIR / args.model
+    if not (folder / "holodiffusion.safetensors").is_file():
+        raise UserError(f"--model {args.model!r} is not a model folder holding holodiffusion.safetensors")
+    source = Path(args.source)
+    if source.is_dir():
+        source = source / "model.safetensors"
+    out = save_guide(str(source), str(folder / "holodiffusion.safetensors"), str(folder / GUIDE_FILE))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -312,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_evaluate(sub)
     _add_calibrate(sub)
+    _add_guide(sub)
     _add_generate(sub)
     _add_serve(sub)
     _add_worker(sub)

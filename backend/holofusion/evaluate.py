@@ -690,6 +690,21 @@ def _load_pipeline(path: str, device: str, preset: str):
     return pipe
 
 
+def resolve_autoguidance(model, model_path: str, given: float | None, preset: str = "draft") -> float:
+    """The autoguidance weight to sample with: ``given``, else the preset's where the model has a guide (a model
+    folder's guide.safetensors), else 1 (none)."""
+    from .pipeline import PRESETS
+
+    if given is None:
+        return PRESETS[preset].autoguidance if model.guide is not None else 1.0
+    if not (math.isfinite(given) and given >= 1):
+        raise UserError(f"--autoguidance must be at least 1 (1: no guide); got {given}")
+    if given != 1 and model.guide is None:
+        raise UserError(f"--autoguidance {given} needs a model folder with a guide.safetensors, and "
+                        f"{model_path!r} has none; leave it out")
+    return float(given)
+
+
 def _resolve_category(model, category: str | None) -> tuple[str, str | None]:
     """(name for files, category to condition on or None)."""
     known = list(model.config.categories)
@@ -765,13 +780,13 @@ def check_inception(path: str | None) -> None:
 
 def write_samples(model_path: str, out: str | Path, category: str | None = None, seed: int = 0, count: int = 1,
                   steps: int = 25, sampler: str = "dpm++", views: int = 8, size: int = 128, device: str = "cpu",
-                  progress: bool = True, sheet: bool = False) -> list[Path]:
+                  progress: bool = True, sheet: bool = False, autoguidance: float | None = None) -> list[Path]:
     """The ``holofusion sample`` command: per seed, ``<category>_<seed>.safetensors`` and ``<category>_<seed>.png``;
     with ``sheet``, also ``<category>_sheet.png``: every seed's turntable in one picture, four seeds to a row.
 
     The safetensors file holds ``latent`` (normalised, (C, S, S, S)) and ``features`` (denormalised encoder space,
-    what the decoder reads), with the model's config and {model, seed, steps, sampler, category, box} in its
-    metadata. Objects are sampled one seed at a time, so an object's grid bytes depend on its seed alone, not on
+    what the decoder reads), with the model's config and {model, seed, steps, sampler, autoguidance, category, box}
+    in its metadata (``autoguidance``: ``resolve_autoguidance``). Objects are sampled one seed at a time, so an object's grid bytes depend on its seed alone, not on
     --count.
     """
     from .diffusion import SAMPLERS
@@ -784,6 +799,7 @@ def write_samples(model_path: str, out: str | Path, category: str | None = None,
         raise UserError(f"--count and --steps must be at least 1; got {count} and {steps}")
     model = _load_model(model_path, device)
     name, cond = _resolve_category(model, category)
+    autoguidance = resolve_autoguidance(model, model_path, autoguidance)
     framing = turntable_settings(model_file(model_path))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -792,9 +808,11 @@ def write_samples(model_path: str, out: str | Path, category: str | None = None,
     strips: list[Tensor] = []
     bar = tqdm(total=count * steps, desc="sampling", unit="step", disable=not progress)
     for s in range(seed, seed + count):
-        x = model.sample([s], cond, steps=steps, sampler=sampler, callback=lambda *_: bar.update(1))
+        x = model.sample([s], cond, steps=steps, sampler=sampler, callback=lambda *_: bar.update(1),
+                         autoguidance=autoguidance)
         z = model.denormalize(x)
         info = {"model": str(Path(model_path).resolve()), "seed": s, "steps": steps, "sampler": sampler,
+                "autoguidance": autoguidance,
                 "category": cond, "box_min": [-h] * 3, "box_max": [h] * 3, "grid_size": model.config.grid_size}
         path = out / f"{name}_{s}.safetensors"
         save_weights(path, {"latent": x[0], "features": z[0]}, "holodiffusion-sample", model.config.to_dict(), info)
@@ -929,15 +947,7 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
     pipe = _load_pipeline(model_path, device, preset) if preset != "draft" else None
     model = pipe.hd if pipe is not None else _load_model(model_path, device)
     name, cond = _resolve_category(model, category)
-    from .pipeline import PRESETS
-
-    if autoguidance is None:
-        autoguidance = PRESETS[preset].autoguidance if model.guide is not None else 1.0
-    elif not (math.isfinite(autoguidance) and autoguidance >= 1):
-        raise UserError(f"--autoguidance must be at least 1 (1: no guide); got {autoguidance}")
-    elif autoguidance != 1 and model.guide is None:
-        raise UserError(f"--autoguidance {autoguidance} needs a model folder with a guide.safetensors, and "
-                        f"{model_path!r} has none; leave it out")
+    autoguidance = resolve_autoguidance(model, model_path, autoguidance, preset)
     if category is None:
         _check_category_in_data(root, name)
     if opacity_length is not None and not opacity_length > 0:
@@ -975,6 +985,8 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         bar.close()
         sheet_rgb = _turntables(model, z[:k], sheet_views, sheet_size, framing)
     else:
+        from .pipeline import PRESETS
+
         pre = replace(PRESETS[preset], autoguidance=autoguidance)
         steps, sampler = pre.coarse_steps, "dpm++"
         sr = pipe.sr_for(pre)  # the model this preset draws with (``high``: a folder's 4x one)

@@ -216,7 +216,8 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 def list_models(root: Path = MODELS_DIR) -> list[dict[str, Any]]:
     """The shipped models: name, categories, ``sizes`` (each category's largest side in metres, as the .glb has it),
-    stages present, and the training steps of each stage."""
+    stages present (``guide``: an autoguidance model), and the training steps of each stage."""
+    from .holodiffusion import GUIDE_FILE
     from .weights import read_metadata
 
     rows = []
@@ -230,6 +231,8 @@ def list_models(root: Path = MODELS_DIR) -> list[dict[str, Any]]:
                      "holodiffusion_step": meta["info"].get("step"),
                      "superres": sr.is_file(),
                      "superres_high": (d / "superres_high.safetensors").is_file(),
+                     # a weaker denoiser the presets' samples are pushed away from (HoloDiffusion.attach_guide)
+                     "guide": (d / GUIDE_FILE).is_file(),
                      "presets": list(PRESETS) if sr.is_file() else ["draft"]})
     return rows
 
@@ -255,7 +258,8 @@ def format_models(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'name':<16} {'categories':<32} presets"]
     for r in rows:
         presets = ", ".join(f"{p} (4x)" if p == "high" and r.get("superres_high") else p for p in r["presets"])
-        lines.append(f"{r['name']:<16} {','.join(r['categories']):<32} {presets}")
+        guided = "; autoguided" if r.get("guide") else ""
+        lines.append(f"{r['name']:<16} {','.join(r['categories']):<32} {presets}{guided}")
     return "\n".join(lines)
 
 

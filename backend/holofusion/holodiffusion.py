@@ -34,7 +34,7 @@ from .nets.encoder import Encoder, EncoderConfig
 from .nets.unet3d import UNet3D, UNet3DConfig
 from .render import RenderConfig, RenderOutput, render_grid
 
-__all__ = ["GUIDE_FILE", "HoloDiffusionConfig", "HoloDiffusion", "Targets", "load_holodiffusion"]
+__all__ = ["GUIDE_FILE", "HoloDiffusionConfig", "HoloDiffusion", "Targets", "load_holodiffusion", "save_guide"]
 
 
 GLOBAL_NOISE = ("voxel", "object")
@@ -146,9 +146,11 @@ class Targets:
     mask: Tensor
 
 
-GUIDE_MAY_DIFFER = ("unet", "cfg_drop", "seed")
-"""Model settings an autoguidance model may have of its own: the denoiser's. Everything else (the autoencoder, the
-grid, the schedule and the noise's structure) must match, so that both denoisers read and predict the same latents."""
+GUIDE_MAY_DIFFER = ("unet", "cfg_drop", "seed", "global_noise", "offset_noise", "pyramid_noise", "pyramid_blocks")
+"""Model settings an autoguidance model may have of its own: the denoiser's, and the noise it was trained with
+(sampling draws the guided model's noise; a guide trained on other noise is one more way of being weaker).
+Everything else (the autoencoder, the grid, the schedule) must match, so that both read and predict the same
+latents."""
 
 
 class HoloDiffusion(nn.Module):
@@ -406,7 +408,7 @@ class HoloDiffusion(nn.Module):
         w (x0 - x0_weak). Both make the same broad errors; what the good model knows beyond the weak one is what
         gets amplified, so samples move towards the data without the loss of variety of classifier-free guidance.
 
-        ``guide`` must share this model's latent space (the same autoencoder, normalisation, grid and noise);
+        ``guide`` must share this model's latent space (the same autoencoder, normalisation, grid and schedule);
         ``None`` detaches it. Raises ``ValueError`` naming what differs."""
         if guide is None:
             self._guide = ()
@@ -454,6 +456,25 @@ class HoloDiffusion(nn.Module):
 
 GUIDE_FILE = "guide.safetensors"
 """A model folder's autoguidance model, beside its ``holodiffusion.safetensors``."""
+
+
+def save_guide(source: str, model: str, out: str) -> Path:
+    """Writes ``source`` (a HoloDiffusion model file: an earlier or smaller denoiser trained on ``model``'s
+    autoencoder) as ``model``'s autoguidance file ``out``, its denoiser's weights in float16 to halve the file (a
+    guide's rounding matters far less than its being a weaker model); the autoencoder and normalisation stay float32,
+    bit-identical to the model's, which ``attach_guide`` checks. Raises ``UserError`` if it does not fit ``model``."""
+    from .errors import UserError
+    from .weights import read_metadata, save_weights
+
+    guide, main = load_holodiffusion(source, guide=False), load_holodiffusion(model, guide=False)
+    try:
+        main.attach_guide(guide)
+    except ValueError as e:
+        raise UserError(f"{source!r} cannot guide {model!r}: {e}") from None
+    state = {k: v.half() if k.startswith("unet.") and v.is_floating_point() else v
+             for k, v in guide.state_dict().items()}
+    info = dict(read_metadata(source)["info"], guide_for=Path(model).parent.name, guide_source=Path(source).name)
+    return save_weights(out, state, "holodiffusion", guide.config.to_dict(), info)
 
 
 def load_holodiffusion(path: str, device: str | torch.device = "cpu", guide: bool = True) -> HoloDiffusion:
