@@ -266,6 +266,13 @@ def test_init_from_a_model_file_with_another_denoiser_trains_a_guide_on_its_late
     assert torch.equal(guided.guide.unet.conv_in.weight, stored["unet.conv_in.weight"].float())
     assert not torch.equal(guided.sample([0], steps=3, autoguidance=2.0), guided.sample([0], steps=3))
     assert main(["guide", "--model", str(folder), "--from", str(tmp_path / "nowhere")]) == 2
+    # `holofusion sample` takes the presets' weight where the folder has a guide, else none; a weight needs a guide.
+    for model, weight in ((str(folder), 2.0), (str(model_file), 1.0)):
+        assert main(["sample", "--model", model, "--steps", "2", "--size", "16", "--views", "1",
+                     "--out", str(tmp_path / "s")]) == 0
+        assert load_weights(tmp_path / "s" / "apple_0.safetensors")[1]["info"]["autoguidance"] == weight
+    assert main(["sample", "--model", str(model_file), "--autoguidance", "2", "--out", str(tmp_path / "s")]) == 2
+    assert main(["sample", "--model", str(folder), "--autoguidance", "0.5", "--out", str(tmp_path / "s")]) == 2
     assert main(["guide", "--model", str(tmp_path / "guide"), "--from", str(model_file)]) == 2  # not a model folder
     cfg.write_text(json.dumps({"base": "tiny", "model": {"box_half_size": 2.0, "unet": {"base_channels": 8}}}))
     with pytest.raises(UserError, match="other model settings.*box_half_size.*only the denoiser"):

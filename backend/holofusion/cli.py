@@ -158,6 +158,12 @@ def _cmd_train_superres(args) -> int:
 _SAMPLERS = ("dpm++", "ddim", "ancestral")
 
 
+def _add_autoguidance(p) -> None:
+    p.add_argument("--autoguidance", type=float, default=None, metavar="W",
+                   help="weight of the model folder's guide.safetensors, a weaker denoiser the samples are pushed "
+                        "away from (default: the presets' weight, 2, where the folder has a guide; 1: none)")
+
+
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="sample coarse grids and turntables from a trained HoloDiffusion model",
                        description="Sample objects from a trained HoloDiffusion model. For each seed writes "
@@ -174,9 +180,7 @@ def _add_sample(sub) -> None:
                    help="objects to sample, seeds --seed, --seed+1, ... (default: 1)")
     p.add_argument("--steps", type=_positive_int("--steps"), default=25, help="sampler steps (default: 25)")
     p.add_argument("--sampler", choices=_SAMPLERS, default="dpm++", help="sampler (default: dpm++)")
-    p.add_argument("--autoguidance", type=float, default=None, metavar="W",
-                   help="weight of the model folder's guide.safetensors, a weaker denoiser the samples are pushed "
-                        "away from (default: the presets', 2, where the folder has a guide; 1: no guidance)")
+    _add_autoguidance(p)
     p.add_argument("--views", type=_positive_int("--views"), default=8, help="turntable views (default: 8)")
     p.add_argument("--size", type=_positive_int("--size"), default=128, help="turntable view size in pixels "
                                                                              "(default: 128)")
@@ -285,9 +289,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--steps", type=_positive_int("--steps"), default=25,
                    help="sampler steps of the draft preset (default: 25)")
     p.add_argument("--sampler", choices=_SAMPLERS, default="dpm++", help="sampler of the draft preset (default: dpm++)")
-    p.add_argument("--autoguidance", type=float, default=None, metavar="W",
-                   help="weight of the model folder's guide.safetensors, a weaker denoiser the samples are pushed "
-                        "away from (default: the preset's, 2, where the folder has a guide; 1: no guidance)")
+    _add_autoguidance(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample (default: 0)")
     p.add_argument("--points", type=_positive_int("--points"), default=2048,
                    help="points per surface and per reference cloud (default: 2048)")
