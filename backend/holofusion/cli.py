@@ -236,12 +236,12 @@ def _cmd_calibrate(args) -> int:
 
 def _add_guide(sub) -> None:
     p = sub.add_parser("guide", help="give a model folder an autoguidance model (guide.safetensors)",
-                       description="Write a weaker HoloDiffusion denoiser on the same autoencoder (an earlier "
-                                   "checkpoint of the model's own training, or one trained with --init-from the "
-                                   "model and a smaller U-Net) into a model folder as guide.safetensors, its "
-                                   "denoiser in float16. Sampling then pushes each prediction away from the "
-                                   "guide's (autoguidance, Karras et al. 2024) with the presets' weight, 2; "
-                                   "evaluate and sample take --autoguidance W (1: none).")
+                       description="Write a weaker HoloDiffusion denoiser on the same autoencoder into a model "
+                                   "folder as guide.safetensors, its denoiser in float16: an earlier checkpoint "
+                                   "of the model's own training (what worked on the apple; a small U-Net trained "
+                                   "briefly with --init-from the model made floaters). Sampling then pushes each "
+                                   "prediction away from the guide's (autoguidance, Karras et al. 2024) with the "
+                                   "presets' weight, 2; evaluate and sample take --autoguidance W (1: none).")
     p.add_argument("--model", required=True, help="model folder (holding holodiffusion.safetensors) or a shipped "
                                                   "model's name")
     p.add_argument("--from", dest="source", required=True,

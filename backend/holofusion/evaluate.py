@@ -786,8 +786,8 @@ def write_samples(model_path: str, out: str | Path, category: str | None = None,
 
     The safetensors file holds ``latent`` (normalised, (C, S, S, S)) and ``features`` (denormalised encoder space,
     what the decoder reads), with the model's config and {model, seed, steps, sampler, autoguidance, category, box}
-    in its metadata (``autoguidance``: ``resolve_autoguidance``). Objects are sampled one seed at a time, so an object's grid bytes depend on its seed alone, not on
-    --count.
+    in its metadata (``autoguidance``: ``resolve_autoguidance``). Objects are sampled one seed at a time, so an
+    object's grid bytes depend on its seed alone, not on --count.
     """
     from .diffusion import SAMPLERS
     from .plots import sample_sheet

@@ -404,9 +404,11 @@ class HoloDiffusion(nn.Module):
 
     def attach_guide(self, guide: HoloDiffusion | None) -> None:
         """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): while
-        sampling, the prediction is pushed away from that of a smaller, shorter-trained denoiser, x0 = x0_weak +
-        w (x0 - x0_weak). Both make the same broad errors; what the good model knows beyond the weak one is what
-        gets amplified, so samples move towards the data without the loss of variety of classifier-free guidance.
+        sampling, the prediction is pushed away from that of a weaker denoiser, x0 = x0_weak + w (x0 - x0_weak).
+        Where both make the same errors the difference cancels; what the good model knows beyond the weak one is
+        amplified, so samples move towards the data without the loss of variety of classifier-free guidance. The
+        weak model has to err the way this one does: its own earlier weights did (README, "Autoguidance"); a small
+        U-Net trained briefly on the same latents, or perturbed attention, made floaters.
 
         ``guide`` must share this model's latent space (the same autoencoder, normalisation, grid and schedule);
         ``None`` detaches it. Raises ``ValueError`` naming what differs."""
@@ -420,7 +422,8 @@ class HoloDiffusion(nn.Module):
                           and (k not in its or not torch.equal(mine[k].cpu(), its[k].cpu()))})
         if differ:
             raise ValueError(f"the guide does not share this model's latent space: its {', '.join(differ)} differ "
-                             "(train it with --init-from this model and only the denoiser's settings changed)")
+                             "(use an earlier checkpoint of this model's own run, or a denoiser trained with "
+                             "--init-from this model and only the denoiser's settings changed)")
         self._guide = (guide.to(self.device).eval(),)
 
     @torch.no_grad()

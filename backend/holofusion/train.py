@@ -450,7 +450,9 @@ class Trainer(RunLoop):
         then every weight is taken, the denoiser's too (as the network and as its EMA), and training continues at
         the file's step with a fresh optimizer: in the latent phase the latent cache is rebuilt from the data with
         that encoder (the same data and encoder give the same cache and normalisation); a config whose ``ae_steps``
-        exceeds the file's step trains the autoencoder on from there first."""
+        exceeds the file's step trains the autoencoder on from there first. A config that changes only the
+        denoiser's settings (``DENOISER_ONLY``) takes the file's autoencoder and normalisation alone and trains a
+        new denoiser from the start of the latent phase (``_init_autoencoder_from_model``)."""
         if source.is_file():
             self._init_from_model(source)
             return
