@@ -251,18 +251,13 @@ def _add_guide(sub) -> None:
 
 
 def _cmd_guide(args) -> int:
+    from .evaluate import model_file
     from .holodiffusion import GUIDE_FILE, save_guide
-    from .pipeline import MODELS_DIR
 
-    folder = Path(args.model)
-    if not folder.exists() and (MODELS_DIR / args.model).is_dir():
-        folder = MODELS_DIR / args.model
-    if not (folder / "holodiffusion.safetensors").is_file():
+    model = model_file(args.model)  # a model folder's (or a shipped model's) holodiffusion.safetensors
+    if model.name != "holodiffusion.safetensors":
         raise UserError(f"--model {args.model!r} is not a model folder holding holodiffusion.safetensors")
-    source = Path(args.source)
-    if source.is_dir():
-        source = source / "model.safetensors"
-    out = save_guide(str(source), str(folder / "holodiffusion.safetensors"), str(folder / GUIDE_FILE))
+    out = save_guide(str(model_file(args.source)), str(model), str(model.with_name(GUIDE_FILE)))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -462,13 +462,16 @@ GUIDE_FILE = "guide.safetensors"
 
 
 def save_guide(source: str, model: str, out: str) -> Path:
-    """Writes ``source`` (a HoloDiffusion model file: an earlier or smaller denoiser trained on ``model``'s
-    autoencoder) as ``model``'s autoguidance file ``out``, its denoiser's weights in float16 to halve the file (a
-    guide's rounding matters far less than its being a weaker model); the autoencoder and normalisation stay float32,
-    bit-identical to the model's, which ``attach_guide`` checks. Raises ``UserError`` if it does not fit ``model``."""
+    """Writes ``source`` (a HoloDiffusion model file or run folder: an earlier or smaller denoiser trained on
+    ``model``'s autoencoder) as ``model``'s autoguidance file ``out``, its denoiser's weights in float16 to halve
+    the file (a guide's rounding matters far less than its being a weaker model); the autoencoder and normalisation
+    stay float32, bit-identical to the model's, which ``attach_guide`` checks. Raises ``UserError`` if it does not
+    fit ``model``."""
     from .errors import UserError
     from .weights import read_metadata, save_weights
 
+    if Path(source).is_dir():  # a training run folder: its EMA model file
+        source = str(Path(source) / "model.safetensors")
     guide, main = load_holodiffusion(source, guide=False), load_holodiffusion(model, guide=False)
     try:
         main.attach_guide(guide)
