@@ -22,7 +22,7 @@ from holofusion.errors import UserError
 from holofusion.holodiffusion import HoloDiffusion, HoloDiffusionConfig, load_holodiffusion
 from holofusion.nets.encoder import sample_views
 from holofusion.train import Trainer, step_generator
-from holofusion.weights import save_weights
+from holofusion.weights import INT8_SCALE, load_weights, quantize_int8, save_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -383,6 +383,26 @@ def test_load_holodiffusion_rejects_what_is_not_a_model(tmp_path):
     broken = save_weights(tmp_path / "broken.safetensors", {"w": torch.zeros(2)}, "holodiffusion", {"bogus": 1})
     with pytest.raises(UserError, match="stored config is not valid"):
         load_holodiffusion(str(broken))
+
+
+def test_8_bit_weights_round_to_half_a_step_per_output_channel_and_load_as_float32(tmp_path):
+    """quantize_int8: kernels under the prefix as int8 with one scale per output channel (a channel of tiny weights
+    keeps its own precision), 1-D tensors in float16, everything else untouched; load_weights undoes it."""
+    g = torch.Generator().manual_seed(0)
+    kernel = torch.randn(4, 3, 3, 3, 3, generator=g) * torch.tensor([1.0, 1e-3, 0.0, 5.0]).view(4, 1, 1, 1, 1)
+    state = {"unet.k": kernel, "unet.b": torch.randn(4, generator=g), "encoder.k": torch.randn(2, 2, generator=g),
+             "unet.count": torch.tensor([3])}
+    path = save_weights(tmp_path / "q.safetensors", quantize_int8(state, "unet."), "holodiffusion", {})
+    raw = load_file(str(path))
+    assert raw["unet.k"].dtype == torch.int8 and raw["unet.k" + INT8_SCALE].shape == (4,)
+    assert raw["unet.b"].dtype == torch.float16 and torch.equal(raw["encoder.k"], state["encoder.k"])
+    back, _ = load_weights(path)
+    assert sorted(back) == sorted(state) and back["unet.k"].dtype == torch.float32
+    step = kernel.abs().amax(dim=(1, 2, 3, 4)) / 127
+    err = (back["unet.k"] - kernel).abs().amax(dim=(1, 2, 3, 4))
+    assert (err <= step / 2 + 1e-7).all() and err[0] > 0  # rounded, by at most half a step of its own channel
+    assert err[1] < step[0] / 100 and torch.equal(back["unet.k"][2], kernel[2])  # per channel; zeros stay zero
+    assert torch.equal(back["unet.count"], state["unet.count"]) and torch.equal(back["encoder.k"], state["encoder.k"])
 
 
 def test_object_noise_gives_the_global_code_the_signal_to_noise_of_one_voxel():

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import safetensors.torch
 import torch
 
 from holofusion.data.synth import synthesize
@@ -252,18 +253,21 @@ def test_init_from_a_model_file_with_another_denoiser_trains_a_guide_on_its_late
     model.attach_guide(load_holodiffusion(str(tmp_path / "guide" / "model.safetensors")))
     assert model.sample([0], steps=3, autoguidance=2.0).shape == model.sample([0], steps=3).shape
 
-    # `holofusion guide` puts it into a model folder (its denoiser in float16), where it comes attached.
+    # `holofusion guide` puts it into a model folder (its denoiser's kernels in 8 bits), where it comes attached.
     from holofusion.cli import main
 
     folder = tmp_path / "folder"
     folder.mkdir()
     shutil.copyfile(model_file, folder / "holodiffusion.safetensors")
     assert main(["guide", "--model", str(folder), "--from", str(tmp_path / "guide")]) == 0
-    stored, _ = load_weights(folder / "guide.safetensors")
-    assert stored["unet.conv_in.weight"].dtype == torch.float16 and stored["latent_std"].dtype == torch.float32
+    raw = safetensors.torch.load_file(folder / "guide.safetensors")
+    assert raw["unet.conv_in.weight"].dtype == torch.int8 and raw["unet.conv_in.bias"].dtype == torch.float16
+    assert raw["latent_std"].dtype == torch.float32
     guided = load_holodiffusion(str(folder / "holodiffusion.safetensors"))
     assert guided.guide is not None and guided.guide.unet.conv_in.weight.dtype == torch.float32
-    assert torch.equal(guided.guide.unet.conv_in.weight, stored["unet.conv_in.weight"].float())
+    weights = load_holodiffusion(str(tmp_path / "guide" / "model.safetensors")).unet.conv_in.weight
+    step = weights.abs().amax(dim=(1, 2, 3, 4), keepdim=True) / 127  # per output channel
+    assert ((guided.guide.unet.conv_in.weight - weights).abs() <= step / 2 + 1e-7).all()
     assert not torch.equal(guided.sample([0], steps=3, autoguidance=2.0), guided.sample([0], steps=3))
     assert main(["guide", "--model", str(folder), "--from", str(tmp_path / "nowhere")]) == 2
     # `holofusion sample` takes the presets' weight where the folder has a guide, else none; a weight needs a guide.

@@ -237,7 +237,7 @@ def _cmd_calibrate(args) -> int:
 def _add_guide(sub) -> None:
     p = sub.add_parser("guide", help="give a model folder an autoguidance model (guide.safetensors)",
                        description="Write a weaker HoloDiffusion denoiser on the same autoencoder into a model "
-                                   "folder as guide.safetensors, its denoiser in float16: an earlier checkpoint "
+                                   "folder as guide.safetensors, its denoiser in 8 bits: an earlier checkpoint "
                                    "of the model's own training (what worked on the apple; a small U-Net trained "
                                    "briefly with --init-from the model made floaters). Sampling then pushes each "
                                    "prediction away from the guide's (autoguidance, Karras et al. 2024) with the "
