@@ -116,12 +116,15 @@ def test_shipped_models_are_complete_and_within_the_size_budget():
     listing = format_models(rows).splitlines()
     assert any(line.startswith("apple") and "high (4x)" in line for line in listing)
     assert not any(line.startswith("donut") and "4x" in line for line in listing)
-    # The apple samples with autoguidance: its guide.safetensors (the step-24,800 denoiser) comes attached.
+    # Autoguidance: a model folder's guide.safetensors (an earlier checkpoint of the same run) comes attached.
     from holofusion.holodiffusion import load_holodiffusion
 
-    assert {r["name"] for r in rows if r["guide"]} == {"apple"}
-    assert load_holodiffusion(str(MODELS_DIR / "apple" / "holodiffusion.safetensors")).guide.info["step"] == 24800
-    assert any(line.startswith("apple") and line.endswith("autoguided") for line in listing)
+    guides = {"apple": (24800, 28250), "hydrant": (12000, 15000), "teddybear": (13000, 16200)}
+    assert {r["name"] for r in rows if r["guide"]} == set(guides)
+    for name, (guide_step, step) in guides.items():
+        model = load_holodiffusion(str(MODELS_DIR / name / "holodiffusion.safetensors"))
+        assert (model.guide.info["step"], model.info["step"]) == (guide_step, step), name
+        assert any(line.startswith(name) and line.endswith("autoguided") for line in listing)
 
 
 def test_a_category_without_a_model_picks_the_model_that_knows_it():
