@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, safe_open, save_file
 
 from holofusion.cameras import PerspectiveCamera
 from holofusion.configs import resolve_config
@@ -403,6 +403,10 @@ def test_8_bit_weights_round_to_half_a_step_per_output_channel_and_load_as_float
     assert (err <= step / 2 + 1e-7).all() and err[0] > 0  # rounded, by at most half a step of its own channel
     assert err[1] < step[0] / 100 and torch.equal(back["unet.k"][2], kernel[2])  # per channel; zeros stay zero
     assert torch.equal(back["unet.count"], state["unet.count"]) and torch.equal(back["encoder.k"], state["encoder.k"])
+    # A scale without its int8 tensor (a damaged or hand-edited file) is one clear error, not a KeyError.
+    save_file({"w" + INT8_SCALE: torch.ones(2)}, str(path), metadata=safe_open(str(path), "pt").metadata())
+    with pytest.raises(UserError, match="damaged.*'w:int8_scale'.*int8 tensor 'w'"):
+        load_weights(path)
 
 
 def test_object_noise_gives_the_global_code_the_signal_to_noise_of_one_voxel():

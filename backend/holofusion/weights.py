@@ -51,13 +51,18 @@ def quantize_int8(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
     return out
 
 
-def _dequantize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Float32 weights for the 8-bit pairs written by ``quantize_int8``; other tensors as they are."""
+def _dequantize(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Float32 weights for the 8-bit pairs written by ``quantize_int8``; other tensors as they are. A scale without
+    its tensor, or one that is not one value per output channel, is a ``UserError`` naming both."""
     out = {k: v for k, v in state.items() if not k.endswith(INT8_SCALE)}
     for k, scale in state.items():
         if k.endswith(INT8_SCALE):
-            q = out[k[:-len(INT8_SCALE)]]
-            out[k[:-len(INT8_SCALE)]] = q.float() * scale.float().view(-1, *([1] * (q.dim() - 1)))
+            name = k[:-len(INT8_SCALE)]
+            q = out.get(name)
+            if q is None or q.dtype != torch.int8 or q.dim() < 1 or scale.numel() != q.shape[0]:
+                raise UserError(f"{str(path)!r} is damaged: {k!r} is not one scale per output channel of an int8 "
+                                f"tensor {name!r}")
+            out[name] = q.float() * scale.float().view(-1, *([1] * (q.dim() - 1)))
     return out
 
 
@@ -98,7 +103,7 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
                                                                                         dict[str, Any]]:
     """(state dict, metadata) of a weights file; 8-bit tensors (``quantize_int8``) come back as float32."""
     meta = read_metadata(path)
-    return _dequantize(load_file(str(path), device=str(device))), meta
+    return _dequantize(load_file(str(path), device=str(device)), Path(path)), meta
 
 
 def load_model(path: str | os.PathLike, kind: str, build: Any, device: str | torch.device = "cpu",
