@@ -119,7 +119,8 @@ def test_shipped_models_are_complete_and_within_the_size_budget():
     # Autoguidance: a model folder's guide.safetensors (an earlier checkpoint of the same run) comes attached.
     from holofusion.holodiffusion import load_holodiffusion
 
-    guides = {"apple": (24800, 28250), "hydrant": (12000, 15000), "teddybear": (13000, 16200)}
+    guides = {"apple": (24800, 28250), "donut": (16400, 19400), "hydrant": (12000, 15000),
+              "teddybear": (13000, 16200)}
     assert {r["name"] for r in rows if r["guide"]} == set(guides)
     for name, (guide_step, step) in guides.items():
         model = load_holodiffusion(str(MODELS_DIR / name / "holodiffusion.safetensors"))
