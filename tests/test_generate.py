@@ -119,13 +119,14 @@ def test_shipped_models_are_complete_and_within_the_size_budget():
     # Autoguidance: a model folder's guide.safetensors (an earlier checkpoint of the same run) comes attached.
     from holofusion.holodiffusion import load_holodiffusion
 
-    guides = {"apple": (24800, 28250), "donut": (16400, 19400), "hydrant": (12000, 15000),
-              "teddybear": (13000, 16200)}
-    assert {r["name"] for r in rows if r["guide"]} == set(guides)
-    for name, (guide_step, step) in guides.items():
+    # (guide's step, model's step, the weight measured for the model: its MODEL_CARD)
+    guides = {"apple": (24800, 28250, 2.0), "donut": (16400, 19400, 4.0), "hydrant": (12000, 15000, 4.0),
+              "teddybear": (13000, 16200, 2.0)}
+    assert {r["name"]: r["guide_weight"] for r in rows if r["guide"]} == {k: v[2] for k, v in guides.items()}
+    for name, (guide_step, step, weight) in guides.items():
         model = load_holodiffusion(str(MODELS_DIR / name / "holodiffusion.safetensors"))
-        assert (model.guide.info["step"], model.info["step"]) == (guide_step, step), name
-        assert any(line.startswith(name) and line.endswith("autoguided") for line in listing)
+        assert (model.guide.info["step"], model.info["step"], model.guide_weight) == (guide_step, step, weight)
+        assert any(line.startswith(name) and line.endswith(f"autoguided (w {weight:g})") for line in listing)
 
 
 def test_a_category_without_a_model_picks_the_model_that_knows_it():

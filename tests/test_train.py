@@ -270,11 +270,24 @@ def test_init_from_a_model_file_with_another_denoiser_trains_a_guide_on_its_late
     assert ((guided.guide.unet.conv_in.weight - weights).abs() <= step / 2 + 1e-7).all()
     assert not torch.equal(guided.sample([0], steps=3, autoguidance=2.0), guided.sample([0], steps=3))
     assert main(["guide", "--model", str(folder), "--from", str(tmp_path / "nowhere")]) == 2
-    # `holofusion sample` takes the presets' weight where the folder has a guide, else none; a weight needs a guide.
-    for model, weight in ((str(folder), 2.0), (str(model_file), 1.0)):
+    # `holofusion sample` takes the guide's own weight (2 unless `guide --weight` said otherwise), where the folder
+    # has a guide, else none; the pipeline's presets take the same; a weight needs a guide.
+    from holofusion.pipeline import HoloFusionPipeline
+
+    def sampled_weight(model: str) -> float:
         assert main(["sample", "--model", model, "--steps", "2", "--size", "16", "--views", "1",
                      "--out", str(tmp_path / "s")]) == 0
-        assert load_weights(tmp_path / "s" / "apple_0.safetensors")[1]["info"]["autoguidance"] == weight
+        return load_weights(tmp_path / "s" / "apple_0.safetensors")[1]["info"]["autoguidance"]
+
+    assert (sampled_weight(str(folder)), sampled_weight(str(model_file))) == (2.0, 1.0)
+    assert main(["guide", "--model", str(folder), "--from", str(tmp_path / "guide"), "--weight", "3"]) == 0
+    assert sampled_weight(str(folder)) == 3.0
+    pipe = HoloFusionPipeline(load_holodiffusion(str(folder / "holodiffusion.safetensors")), None)
+    assert (pipe.guidance_weight(None), pipe.guidance_weight(1.5)) == (3.0, 1.5)
+    assert torch.equal(pipe.coarse(4, None, 2, None).features,
+                       pipe.hd.to_grid(pipe.hd.denormalize(pipe.hd.sample([4], steps=2, autoguidance=3.0))).features)
+    assert HoloFusionPipeline(load_holodiffusion(str(model_file)), None).guidance_weight(None) == 1.0
+    assert main(["guide", "--model", str(folder), "--from", str(tmp_path / "guide"), "--weight", "0.5"]) == 2
     assert main(["sample", "--model", str(model_file), "--autoguidance", "2", "--out", str(tmp_path / "s")]) == 2
     assert main(["sample", "--model", str(folder), "--autoguidance", "0.5", "--out", str(tmp_path / "s")]) == 2
     assert main(["guide", "--model", str(tmp_path / "guide"), "--from", str(model_file)]) == 2  # not a model folder

@@ -161,7 +161,8 @@ _SAMPLERS = ("dpm++", "ddim", "ancestral")
 def _add_autoguidance(p) -> None:
     p.add_argument("--autoguidance", type=float, default=None, metavar="W",
                    help="weight of the model folder's guide.safetensors, a weaker denoiser the samples are pushed "
-                        "away from (default: the presets' weight, 2, where the folder has a guide; 1: none)")
+                        "away from (default: the guide's own weight, what the presets use: `holofusion models` "
+                        "lists it; 1: none)")
 
 
 def _add_sample(sub) -> None:
@@ -241,12 +242,17 @@ def _add_guide(sub) -> None:
                                    "of the model's own training (what worked on the apple; a small U-Net trained "
                                    "briefly with --init-from the model made floaters). Sampling then pushes each "
                                    "prediction away from the guide's (autoguidance, Karras et al. 2024) with the "
-                                   "presets' weight, 2; evaluate and sample take --autoguidance W (1: none).")
+                                   "guide's weight (--weight), which every preset uses; evaluate and sample take "
+                                   "--autoguidance W to try others (1: none).")
     p.add_argument("--model", required=True, help="model folder (holding holodiffusion.safetensors) or a shipped "
                                                   "model's name")
     p.add_argument("--from", dest="source", required=True,
                    help="the guide: a HoloDiffusion .safetensors file or a run folder (its model.safetensors) "
                         "with the model's autoencoder and normalisation")
+    p.add_argument("--weight", type=float, default=2.0, metavar="W",
+                   help="how far the presets push each prediction away from the guide's, x0 = guide + W (model - "
+                        "guide); measure it with `holofusion evaluate --autoguidance W` first (default: 2, chosen "
+                        "on the apple; the hydrant and the donut ship 4)")
     p.set_defaults(func=_cmd_guide)
 
 
@@ -257,8 +263,8 @@ def _cmd_guide(args) -> int:
     model = model_file(args.model)  # a model folder's (or a shipped model's) holodiffusion.safetensors
     if model.name != "holodiffusion.safetensors":
         raise UserError(f"--model {args.model!r} is not a model folder holding holodiffusion.safetensors")
-    out = save_guide(str(model_file(args.source)), str(model), str(model.with_name(GUIDE_FILE)))
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    out = save_guide(str(model_file(args.source)), str(model), str(model.with_name(GUIDE_FILE)), args.weight)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; the presets sample with weight {args.weight:g})")
     return 0
 
 

@@ -690,13 +690,11 @@ def _load_pipeline(path: str, device: str, preset: str):
     return pipe
 
 
-def resolve_autoguidance(model, model_path: str, given: float | None, preset: str = "draft") -> float:
-    """The autoguidance weight to sample with: ``given``, else the preset's where the model has a guide (a model
-    folder's guide.safetensors), else 1 (none)."""
-    from .pipeline import PRESETS
-
+def resolve_autoguidance(model, model_path: str, given: float | None) -> float:
+    """The autoguidance weight to sample with: ``given``, else the guide's own where the model has one (a model
+    folder's guide.safetensors; ``HoloDiffusion.guide_weight``, what the presets use), else 1 (none)."""
     if given is None:
-        return PRESETS[preset].autoguidance if model.guide is not None else 1.0
+        return model.guide_weight
     if not (math.isfinite(given) and given >= 1):
         raise UserError(f"--autoguidance must be at least 1 (1: no guide); got {given}")
     if given != 1 and model.guide is None:
@@ -947,7 +945,7 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
     pipe = _load_pipeline(model_path, device, preset) if preset != "draft" else None
     model = pipe.hd if pipe is not None else _load_model(model_path, device)
     name, cond = _resolve_category(model, category)
-    autoguidance = resolve_autoguidance(model, model_path, autoguidance, preset)
+    autoguidance = resolve_autoguidance(model, model_path, autoguidance)
     if category is None:
         _check_category_in_data(root, name)
     if opacity_length is not None and not opacity_length > 0:

@@ -216,8 +216,9 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 def list_models(root: Path = MODELS_DIR) -> list[dict[str, Any]]:
     """The shipped models: name, categories, ``sizes`` (each category's largest side in metres, as the .glb has it),
-    stages present (``guide``: an autoguidance model), and the training steps of each stage."""
-    from .holodiffusion import GUIDE_FILE
+    stages present (``guide``: an autoguidance model, ``guide_weight``: the weight the presets sample with), and the
+    training steps of each stage."""
+    from .holodiffusion import GUIDE_FILE, GUIDE_WEIGHT
     from .weights import read_metadata
 
     rows = []
@@ -225,6 +226,7 @@ def list_models(root: Path = MODELS_DIR) -> list[dict[str, Any]]:
         meta = read_metadata(d / "holodiffusion.safetensors")
         sr = d / "superres.safetensors"
         cats = meta["config"].get("categories", [])
+        guide = d / GUIDE_FILE
         rows.append({"name": d.name, "categories": cats,
                      # the largest side of each category's objects in the .glb: the extension lays grids out by it
                      "sizes": {c: default_size(c) for c in cats},
@@ -232,7 +234,9 @@ def list_models(root: Path = MODELS_DIR) -> list[dict[str, Any]]:
                      "superres": sr.is_file(),
                      "superres_high": (d / "superres_high.safetensors").is_file(),
                      # a weaker denoiser the presets' samples are pushed away from (HoloDiffusion.attach_guide)
-                     "guide": (d / GUIDE_FILE).is_file(),
+                     "guide": guide.is_file(),
+                     "guide_weight": float(read_metadata(guide)["info"].get("weight", GUIDE_WEIGHT))
+                     if guide.is_file() else None,
                      "presets": list(PRESETS) if sr.is_file() else ["draft"]})
     return rows
 
@@ -258,7 +262,7 @@ def format_models(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'name':<16} {'categories':<32} presets"]
     for r in rows:
         presets = ", ".join(f"{p} (4x)" if p == "high" and r.get("superres_high") else p for p in r["presets"])
-        guided = "; autoguided" if r.get("guide") else ""
+        guided = f"; autoguided (w {r.get('guide_weight') or 2:g})" if r.get("guide") else ""
         lines.append(f"{r['name']:<16} {','.join(r['categories']):<32} {presets}{guided}")
     return "\n".join(lines)
 

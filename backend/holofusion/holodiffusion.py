@@ -34,7 +34,8 @@ from .nets.encoder import Encoder, EncoderConfig
 from .nets.unet3d import UNet3D, UNet3DConfig
 from .render import RenderConfig, RenderOutput, render_grid
 
-__all__ = ["GUIDE_FILE", "HoloDiffusionConfig", "HoloDiffusion", "Targets", "load_holodiffusion", "save_guide"]
+__all__ = ["GUIDE_FILE", "GUIDE_WEIGHT", "HoloDiffusionConfig", "HoloDiffusion", "Targets", "load_holodiffusion",
+           "save_guide"]
 
 
 GLOBAL_NOISE = ("voxel", "object")
@@ -402,6 +403,15 @@ class HoloDiffusion(nn.Module):
         """The attached autoguidance model, if any."""
         return self._guide[0] if self._guide else None
 
+    @property
+    def guide_weight(self) -> float:
+        """The weight w the presets sample with: the attached guide's own (``save_guide``'s ``weight``, in its
+        file's metadata: measured per model, since how far to push depends on how much weaker the guide is),
+        ``GUIDE_WEIGHT`` for a guide that names none, 1 (no guidance) without a guide."""
+        if self.guide is None:
+            return 1.0
+        return float((getattr(self.guide, "info", None) or {}).get("weight", GUIDE_WEIGHT))
+
     def attach_guide(self, guide: HoloDiffusion | None) -> None:
         """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): while
         sampling, the prediction is pushed away from that of a weaker denoiser, x0 = x0_weak + w (x0 - x0_weak).
@@ -460,16 +470,26 @@ class HoloDiffusion(nn.Module):
 GUIDE_FILE = "guide.safetensors"
 """A model folder's autoguidance model, beside its ``holodiffusion.safetensors``."""
 
+GUIDE_WEIGHT = 2.0
+"""Autoguidance weight of a guide whose file names none (chosen on 100 held-out apples, README "Autoguidance")."""
 
-def save_guide(source: str, model: str, out: str) -> Path:
+
+def save_guide(source: str, model: str, out: str, weight: float = GUIDE_WEIGHT) -> Path:
     """Writes ``source`` (a HoloDiffusion model file or run folder: an earlier or smaller denoiser trained on
     ``model``'s autoencoder) as ``model``'s autoguidance file ``out``, its denoiser's kernels in 8 bits and its
     biases and norms in float16 (``quantize_int8``: a quarter of the bytes; a guide's rounding matters far less than
     its being a weaker model, and the shipped guides were measured so); the autoencoder and normalisation stay
-    float32, bit-identical to the model's, which ``attach_guide`` checks. Raises ``UserError`` if it does not fit
-    ``model``."""
+    float32, bit-identical to the model's, which ``attach_guide`` checks. ``weight`` (at least 1) goes into the
+    file's metadata: the presets sample ``model`` with it (``HoloDiffusion.guide_weight``). Raises ``UserError`` if
+    the guide does not fit ``model`` or the weight is not a number of at least 1."""
+    import math
+
     from .errors import UserError
     from .weights import quantize_int8, read_metadata, save_weights
+
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 1):
+        raise UserError(f"the guide's weight must be a number of at least 1 (1: the guide does nothing; the shipped "
+                        f"guides use 2 to 3); got {weight}")
 
     if Path(source).is_dir():  # a training run folder: its EMA model file
         source = str(Path(source) / "model.safetensors")
@@ -480,7 +500,7 @@ def save_guide(source: str, model: str, out: str) -> Path:
         raise UserError(f"{source!r} cannot guide {model!r}: {e}") from None
     state = quantize_int8(guide.state_dict(), "unet.")
     info = dict(read_metadata(source)["info"], guide_for=Path(model).parent.name, guide_source=Path(source).name,
-                stored="denoiser kernels int8 per output channel")
+                stored="denoiser kernels int8 per output channel", weight=float(weight))
     return save_weights(out, state, "holodiffusion", guide.config.to_dict(), info)
 
 

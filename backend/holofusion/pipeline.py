@@ -56,18 +56,15 @@ class PipelineCancelled(RuntimeError):
         self.stage = stage
 
 
-AUTOGUIDANCE = 2.0
-"""Autoguidance weight of the presets (chosen on 100 held-out apples, README "Autoguidance")."""
-
-
 @dataclass(frozen=True)
 class Preset:
     """How much work one object gets."""
 
     coarse_steps: int = 25
     """HoloDiffusion sampler steps."""
-    autoguidance: float = AUTOGUIDANCE
-    """Weight w of the model folder's guide, where it has one (``HoloDiffusion.attach_guide``); 1 leaves it out."""
+    autoguidance: float | None = None
+    """Weight w of the model folder's guide, where it has one (``HoloDiffusion.attach_guide``); None: the guide's
+    own weight (``HoloDiffusion.guide_weight``, measured per model); 1 leaves it out."""
     superres: bool = True
     """Run stages 2 and 3 (False: the ``draft`` preset)."""
     views: int = 16
@@ -162,6 +159,13 @@ class HoloFusionPipeline:
             return self.sr_high
         return self.sr
 
+    def guidance_weight(self, autoguidance: float | None) -> float:
+        """The autoguidance weight stage 1 samples with: 1 without a guide, else ``autoguidance`` (a preset's) or,
+        where that is None, the guide's own (``HoloDiffusion.guide_weight``)."""
+        if self.hd.guide is None:
+            return 1.0
+        return float(autoguidance) if autoguidance is not None else self.hd.guide_weight
+
     @property
     def device(self) -> torch.device:
         return self.hd.device
@@ -245,15 +249,15 @@ class HoloFusionPipeline:
 
     @torch.no_grad()
     def coarse(self, seed: int, category: str | None, steps: int, callback: PipelineCallback | None,
-               autoguidance: float = AUTOGUIDANCE) -> VoxelGrid:
+               autoguidance: float | None = None) -> VoxelGrid:
         """Stage 1: the HoloDiffusion grid of ``seed`` (1, C, S, S, S), in the space the decoder renders;
-        ``autoguidance`` applies where the model has a guide."""
+        ``autoguidance`` applies where the model has a guide (None: the guide's own weight)."""
         def step(i: int, total: int, x0: Tensor) -> bool:
             return _go(callback, "coarse", i, total, None)
 
         try:
             x = self.hd.sample([seed], category, steps=steps, callback=step,
-                               autoguidance=autoguidance if self.hd.guide is not None else 1.0)
+                               autoguidance=self.guidance_weight(autoguidance))
         except SamplingCancelled as e:
             raise PipelineCancelled("coarse", str(e)) from None
         return self.hd.to_grid(self.hd.denormalize(x))
