@@ -489,7 +489,7 @@ def save_guide(source: str, model: str, out: str, weight: float = GUIDE_WEIGHT) 
 
     if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 1):
         raise UserError(f"the guide's weight must be a number of at least 1 (1: the guide does nothing; the shipped "
-                        f"guides use 2 to 3); got {weight}")
+                        f"guides use 2 and 4); got {weight}")
 
     if Path(source).is_dir():  # a training run folder: its EMA model file
         source = str(Path(source) / "model.safetensors")
