@@ -262,7 +262,7 @@ def format_models(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'name':<16} {'categories':<32} presets"]
     for r in rows:
         presets = ", ".join(f"{p} (4x)" if p == "high" and r.get("superres_high") else p for p in r["presets"])
-        guided = f"; autoguided (w {r.get('guide_weight') or 2:g})" if r.get("guide") else ""
+        guided = f"; autoguided (w {r['guide_weight']:g})" if r.get("guide") else ""
         lines.append(f"{r['name']:<16} {','.join(r['categories']):<32} {presets}{guided}")
     return "\n".join(lines)
 
