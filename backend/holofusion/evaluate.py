@@ -693,10 +693,11 @@ def _load_pipeline(path: str, device: str, preset: str):
 def resolve_autoguidance(model, model_path: str, given: float | None) -> float:
     """The autoguidance weight to sample with: ``given``, else the guide's own where the model has one (a model
     folder's guide.safetensors; ``HoloDiffusion.guide_weight``, what the presets use), else 1 (none)."""
+    from .holodiffusion import check_guide_weight
+
     if given is None:
         return model.guide_weight
-    if not (math.isfinite(given) and given >= 1):
-        raise UserError(f"--autoguidance must be at least 1 (1: no guide); got {given}")
+    given = check_guide_weight(given, "--autoguidance")
     if given != 1 and model.guide is None:
         raise UserError(f"--autoguidance {given} needs a model folder with a guide.safetensors, and "
                         f"{model_path!r} has none; leave it out")

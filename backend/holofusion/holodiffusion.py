@@ -474,6 +474,19 @@ GUIDE_WEIGHT = 2.0
 """Autoguidance weight of a guide whose file names none (chosen on 100 held-out apples, README "Autoguidance")."""
 
 
+def check_guide_weight(weight: float, what: str) -> float:
+    """``weight`` as a float if it is a usable autoguidance weight (finite, at least 1; 1: the guide does nothing),
+    else a ``UserError`` that starts with ``what`` (the option or setting the user gave it as)."""
+    import math
+
+    from .errors import UserError
+
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 1):
+        raise UserError(f"{what} must be a number of at least 1 (1: the guide does nothing; the shipped guides use "
+                        f"2 and 4); got {weight}")
+    return float(weight)
+
+
 def save_guide(source: str, model: str, out: str, weight: float = GUIDE_WEIGHT) -> Path:
     """Writes ``source`` (a HoloDiffusion model file or run folder: an earlier or smaller denoiser trained on
     ``model``'s autoencoder) as ``model``'s autoguidance file ``out``, its denoiser's kernels in 8 bits and its
@@ -482,15 +495,10 @@ def save_guide(source: str, model: str, out: str, weight: float = GUIDE_WEIGHT) 
     float32, bit-identical to the model's, which ``attach_guide`` checks. ``weight`` (at least 1) goes into the
     file's metadata: the presets sample ``model`` with it (``HoloDiffusion.guide_weight``). Raises ``UserError`` if
     the guide does not fit ``model`` or the weight is not a number of at least 1."""
-    import math
-
     from .errors import UserError
     from .weights import quantize_int8, read_metadata, save_weights
 
-    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 1):
-        raise UserError(f"the guide's weight must be a number of at least 1 (1: the guide does nothing; the shipped "
-                        f"guides use 2 and 4); got {weight}")
-
+    weight = check_guide_weight(weight, "the guide's weight (--weight)")
     if Path(source).is_dir():  # a training run folder: its EMA model file
         source = str(Path(source) / "model.safetensors")
     guide, main = load_holodiffusion(source, guide=False), load_holodiffusion(model, guide=False)
@@ -500,7 +508,7 @@ def save_guide(source: str, model: str, out: str, weight: float = GUIDE_WEIGHT) 
         raise UserError(f"{source!r} cannot guide {model!r}: {e}") from None
     state = quantize_int8(guide.state_dict(), "unet.")
     info = dict(read_metadata(source)["info"], guide_for=Path(model).parent.name, guide_source=Path(source).name,
-                stored="denoiser kernels int8 per output channel", weight=float(weight))
+                stored="denoiser kernels int8 per output channel", weight=weight)
     return save_weights(out, state, "holodiffusion", guide.config.to_dict(), info)
 
 
