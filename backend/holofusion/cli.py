@@ -203,35 +203,77 @@ def _cmd_sample(args) -> int:
 
 
 def _add_calibrate(sub) -> None:
-    p = sub.add_parser("calibrate", help="measure a HoloDiffusion model's surface level on its training objects",
-                       description="Encode training objects of the model's categories from their views and find "
-                                   "the surface level (opacity length) whose surfaces lie closest to their point "
-                                   "clouds; store it in the model file, where holofusion generate, evaluate, the "
-                                   "backend and the Blender extension take it as their default. Held-out objects "
-                                   "are not used. The trainer does this itself when its autoencoder is done.")
-    p.add_argument("--model", required=True, help="run folder (its model.safetensors), a .safetensors model file, "
-                                                  "a model folder or a shipped model's name; rewritten in place "
-                                                  "with the level in its metadata")
+    p = sub.add_parser("calibrate", help="measure a model's surface level and colour maps on its training objects",
+                       description="Encode training objects of the model's categories from their views. Surface: "
+                                   "find the level (opacity length) whose surfaces lie closest to their point "
+                                   "clouds. Colour: for each preset, map the colours of the objects it makes from "
+                                   "those grids onto the true colours (a per-channel map of the colour's logit; "
+                                   "models learn colours brighter than the objects from images blended with a white "
+                                   "background). Both are stored in the model file, where holofusion generate, "
+                                   "evaluate, the backend and the Blender extension use them. Held-out objects are "
+                                   "not used. The trainer measures the surface itself when its autoencoder is done; "
+                                   "colours need the super-resolution model too, so run this once both are trained.")
+    p.add_argument("--model", required=True, help="model folder or shipped model's name (colour maps of presets with "
+                                                  "super-resolution need its superres.safetensors), a run folder or "
+                                                  "a .safetensors model file; rewritten in place with the results "
+                                                  "in its metadata")
     p.add_argument("--data", required=True, help="CO3Dv2-format dataset root with the model's training objects")
     p.add_argument("--objects", type=_positive_int("--objects"), default=16,
                    help="training objects to measure (default: 16)")
+    p.add_argument("--only", choices=("surface", "colour"), default=None,
+                   help="measure only the surface level or only the colour maps (default: both; a new surface level "
+                        "drops colour maps not measured at it)")
+    p.add_argument("--presets", default=None,
+                   help="comma-separated presets to measure colour maps for (default: draft, and standard where "
+                        "the folder has a super-resolution model; high runs its full stages per object, minutes "
+                        "each on a CPU)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_calibrate(args) -> int:
-    from .evaluate import _load_model, calibrate_surface, model_file
+    from .colour import calibrate_colour
+    from .evaluate import _load_model, calibrate_surface, model_file, training_reconstructions
+    from .pipeline import PRESETS, HoloFusionPipeline
     from .weights import load_weights, save_weights
 
-    model = _load_model(args.model, args.device)
-    surface = calibrate_surface(model, args.data, args.objects)
     path = model_file(args.model)
+    if path.name == "holodiffusion.safetensors":  # a model folder: its super-resolution models come along
+        pipe = HoloFusionPipeline.from_pretrained(str(path.parent), args.device)
+    else:
+        pipe = HoloFusionPipeline(_load_model(args.model, args.device))
+    presets = ["draft"] + (["standard"] if pipe.sr is not None else [])
+    if args.presets is not None:
+        presets = [x.strip() for x in args.presets.split(",") if x.strip()]
+        for name in presets:
+            if name not in PRESETS:
+                raise UserError(f"--presets: {name!r} is not a preset; choose from {', '.join(PRESETS)}")
+            if PRESETS[name].superres and pipe.sr is None:
+                raise UserError(f"--presets {name}: that preset needs a super-resolution model, and {args.model!r} "
+                                "is not a model folder with a superres.safetensors; give the folder, or only draft")
     state, meta = load_weights(path)
-    save_weights(path, state, meta["kind"], meta["config"], {**meta["info"], "surface": surface})
-    table = "  ".join(f"{k}: {v:.4f}" for k, v in surface["chamfer"].items())
-    print(f"Chamfer to the true surfaces by opacity length: {table}")
-    print(f"surface level: opacity length {surface['opacity_length']:g} (was "
-          f"{(meta['info'].get('surface') or {}).get('opacity_length', 'not calibrated')}); wrote {path}")
+    info = dict(meta["info"])
+    recon = training_reconstructions(pipe.hd, args.data, args.objects)
+    if args.only != "colour":
+        surface = calibrate_surface(pipe.hd, args.data, reconstructions=recon)
+        old = (info.get("surface") or {}).get("opacity_length", "not calibrated")
+        if surface["opacity_length"] != old:
+            info.pop("colour", None)  # colour maps are measured at a level: a new one makes them stale
+        info["surface"] = pipe.hd.info["surface"] = surface
+        table = "  ".join(f"{k}: {v:.4f}" for k, v in surface["chamfer"].items())
+        print(f"Chamfer to the true surfaces by opacity length: {table}")
+        print(f"surface level: opacity length {surface['opacity_length']:g} (was {old})")
+    if args.only != "surface":
+        if recon[2] is None:
+            raise UserError(f"--data {args.data!r}: the training point clouds carry no colours to calibrate on; "
+                            "use --only surface")
+        maps = calibrate_colour(pipe, recon[0], recon[2], presets)
+        info["colour"] = {**(info.get("colour") or {}), **maps}
+        for name, r in maps.items():
+            print(f"colour of {name}: logit scale {r['scale']} shift {r['shift']}; mean colour error (R, G, B) "
+                  f"{r['error_before']} -> {r['error_after']} on {r['objects']} objects")
+    save_weights(path, state, meta["kind"], meta["config"], info)
+    print(f"wrote {path}")
     return 0
 
 
@@ -252,7 +294,7 @@ def _add_guide(sub) -> None:
     p.add_argument("--weight", type=float, default=2.0, metavar="W",
                    help="how far the presets push each prediction away from the guide's, x0 = guide + W (model - "
                         "guide); measure it with `holofusion evaluate --autoguidance W` first (default: 2, chosen "
-                        "on the apple; the hydrant and the donut ship 4)")
+                        "on the apple; the hydrant, the donut and the teddybear ship 4)")
     p.set_defaults(func=_cmd_guide)
 
 

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .colour import colour_map_of, map_decoder
 from .errors import UserError
 from .grid import VoxelGrid
 from .nets.decoder import Decoder
@@ -71,6 +72,7 @@ __all__ = [
     "level_set_points",
     "surface_points",
     "model_surface_points",
+    "training_reconstructions",
     "chamfer_pairs",
     "chamfer_matrix",
     "colour_weight_for",
@@ -295,9 +297,12 @@ def surface_points(grid: VoxelGrid, decoder: Decoder, activation: str = "softplu
 
 
 def model_surface_points(model, z: Tensor, config: SurfaceConfig | None = None,
-                         generators: Sequence[torch.Generator] | None = None) -> ColouredPoints:
-    """``surface_points`` of a HoloDiffusion model's encoder-space grids z (B, C, S, S, S) (``model.denormalize``)."""
-    return surface_points(model.to_grid(z), model.decoder, model.config.render.density_activation, config, generators)
+                         generators: Sequence[torch.Generator] | None = None,
+                         decoder: Decoder | None = None) -> ColouredPoints:
+    """``surface_points`` of a HoloDiffusion model's encoder-space grids z (B, C, S, S, S) (``model.denormalize``),
+    decoded by ``decoder`` (default: the model's own)."""
+    return surface_points(model.to_grid(z), decoder or model.decoder, model.config.render.density_activation, config,
+                          generators)
 
 
 # ==================================================================================================================
@@ -351,19 +356,15 @@ def fit_opacity_length(grid: VoxelGrid, decoder: Decoder, truth: Tensor, activat
     return best, scores
 
 
-def calibrate_surface(model, data: str | Path, objects: int = 16, points: int = 1024, seed: int = 0,
-                      progress: bool = True, categories: Sequence[str] | None = None, image_size: int | None = None,
-                      n_source: int | None = None) -> dict[str, Any]:
-    """The surface level of a HoloDiffusion model, measured on its own training objects.
-
-    The autoencoder places an object's surface somewhere in a density ramp about one coarse cell wide, and where in
-    that ramp depends on the model: a level fixed once for all (``DEFAULT_OPACITY_LENGTH``) gave the shipped apple
-    model's reconstructions a radius 9 % too large, which alone makes every sample tell apart from a real object
-    (1-NNA 100 % at a 6 % scale error). So: encode ``objects`` training objects from ``n_source`` of their views, and
-    pick the level whose surfaces lie closest to their point clouds (``fit_opacity_length``). Held-out objects are
-    never used. ``categories``, ``image_size`` and ``n_source`` default to what the model's info says it was trained
-    on. Returns the record kept in the model's info under ``"surface"``.
-    """
+def training_reconstructions(model, data: str | Path, objects: int = 16, points: int = 1024, seed: int = 0,
+                             progress: bool = True, categories: Sequence[str] | None = None,
+                             image_size: int | None = None, n_source: int | None = None
+                             ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``objects`` training objects of a HoloDiffusion model, encoded from ``n_source`` of their views, and their
+    true surfaces: (z (B, C, S, S, S) encoder-space grids, points (B, points, 3), colours (B, points, 3) in [0, 1], or
+    None where the clouds have none). What calibrations measure a model on (``calibrate_surface``,
+    ``colour.calibrate_colour``); held-out objects are never used. ``categories``, ``image_size`` and ``n_source``
+    default to what the model's info says it was trained on; objects and views are drawn from ``seed``."""
     from .cameras import PerspectiveCamera
     from .data.co3d import Co3dDataset
 
@@ -379,8 +380,8 @@ def calibrate_surface(model, data: str | Path, objects: int = 16, points: int = 
         raise UserError(f"--data {str(data)!r}: no training sequence of {', '.join(cats)} with {n_source} views")
     gen = torch.Generator().manual_seed(seed)
     pick = [seqs[i] for i in torch.randperm(len(seqs), generator=gen)[:objects].tolist()]
-    zs, truth = [], []
-    bar = tqdm(total=len(pick), desc="calibrating surface", unit="obj", disable=not progress)
+    zs, truth, colours = [], [], []
+    bar = tqdm(total=len(pick), desc="encoding training objects", unit="obj", disable=not progress)
     with torch.no_grad():
         for cat, seq in pick:
             frames = ds.frames(cat, seq)
@@ -388,18 +389,39 @@ def calibrate_surface(model, data: str | Path, objects: int = 16, points: int = 
                                              torch.randperm(len(frames), generator=gen)[:n_source].tolist()])
             zs.append(model.encode(views.images[None].to(model.device),
                                    PerspectiveCamera.stack([views.cameras]).to(model.device, torch.float32)))
-            p, _ = ds.point_cloud(cat, seq)
-            q = torch.from_numpy(p).float()
-            truth.append(q[torch.randint(0, len(q), (points,), generator=gen)])
+            p, c = ds.point_cloud(cat, seq)
+            pick_points = torch.randint(0, len(p), (points,), generator=gen)
+            truth.append(torch.from_numpy(p).float()[pick_points])
+            colours.append(None if c is None else torch.from_numpy(c).float()[pick_points] / 255.0)
             bar.update(1)
         bar.close()
-        best, scores = fit_opacity_length(model.to_grid(torch.cat(zs)), model.decoder, torch.stack(truth),
+    cols = None if any(c is None for c in colours) else torch.stack(colours)
+    return torch.cat(zs), torch.stack(truth), cols
+
+
+def calibrate_surface(model, data: str | Path, objects: int = 16, points: int = 1024, seed: int = 0,
+                      progress: bool = True, categories: Sequence[str] | None = None, image_size: int | None = None,
+                      n_source: int | None = None,
+                      reconstructions: tuple[Tensor, Tensor, Tensor | None] | None = None) -> dict[str, Any]:
+    """The surface level of a HoloDiffusion model, measured on its own training objects.
+
+    The autoencoder places an object's surface somewhere in a density ramp about one coarse cell wide, and where in
+    that ramp depends on the model: a level fixed once for all (``DEFAULT_OPACITY_LENGTH``) gave the shipped apple
+    model's reconstructions a radius 9 % too large, which alone makes every sample tell apart from a real object
+    (1-NNA 100 % at a 6 % scale error). So: encode ``objects`` training objects from ``n_source`` of their views
+    (``training_reconstructions``, or the ones given), and pick the level whose surfaces lie closest to their point
+    clouds (``fit_opacity_length``). Returns the record kept in the model's info under ``"surface"``.
+    """
+    z, truth, _ = reconstructions or training_reconstructions(model, data, objects, points, seed, progress,
+                                                              categories, image_size, n_source)
+    with torch.no_grad():
+        best, scores = fit_opacity_length(model.to_grid(z), model.decoder, truth,
                                           model.config.render.density_activation, config=SurfaceConfig(points=points))
     if not math.isfinite(scores[best]):
         raise UserError("at no candidate level do most calibration objects have a surface: the autoencoder is not "
                         "trained enough to place one")
     return {"opacity_length": best, "chamfer": {f"{k:g}": round(v, 6) for k, v in scores.items() if math.isfinite(v)},
-            "objects": len(pick), "split": "train", "data": str(Path(data).resolve())}
+            "objects": len(z), "split": "train", "data": str(Path(data).resolve())}
 
 
 # ==================================================================================================================
@@ -747,12 +769,17 @@ def _turntable_cameras(views: int, size: int, framing: tuple[float, float, float
 
 
 @torch.no_grad()
-def _turntables(model, z: Tensor, views: int, size: int, framing: tuple[float, float, float]) -> Tensor:
-    """Renders encoder-space grids z (B, C, S, S, S) from ``views`` turntable cameras: (B, V, H, W, 3) in [0, 1]."""
+def _turntables(model, z: Tensor, views: int, size: int, framing: tuple[float, float, float],
+                decoder: Decoder | None = None) -> Tensor:
+    """Renders encoder-space grids z (B, C, S, S, S) with ``decoder`` (default: the model's own) from ``views``
+    turntable cameras: (B, V, H, W, 3) in [0, 1]."""
     from .cameras import PerspectiveCamera
+    from .render import render_grid
 
     cams = _turntable_cameras(views, size, framing, model.device)
-    out = model.render(z, PerspectiveCamera.stack([cams] * z.shape[0]))  # generator=None: deterministic
+    # generator=None: deterministic
+    out = render_grid(model.to_grid(z), decoder or model.decoder, PerspectiveCamera.stack([cams] * z.shape[0]),
+                      model.config.render)
     return out.rgb.reshape(z.shape[0], views, size, size, 3).float().cpu()
 
 
@@ -966,6 +993,10 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
     k = min(sheet_objects, samples)
     reused: dict[str, Any] = {}
     if pipe is None:
+        # the draft preset's objects, in its calibrated colours where the model has them (``colour.py``)
+        cmap = colour_map_of(model, "draft")
+        decoder = map_decoder(model.decoder, cmap) if cmap is not None else model.decoder
+        colour_map = None if cmap is None else cmap.to_record()
         zs, sets = [], []
         bar = tqdm(total=samples * steps, desc="sampling", unit="step", disable=not progress)
         for start in range(0, samples, batch):
@@ -979,10 +1010,10 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         for start in range(0, samples, batch):
             chunk = seeds[start:start + batch]
             gens = [torch.Generator().manual_seed(s) for s in chunk]
-            sets.append(model_surface_points(model, z[start:start + len(chunk)], scfg, gens))
+            sets.append(model_surface_points(model, z[start:start + len(chunk)], scfg, gens, decoder))
             bar.update(len(chunk))
         bar.close()
-        sheet_rgb = _turntables(model, z[:k], sheet_views, sheet_size, framing)
+        sheet_rgb = _turntables(model, z[:k], sheet_views, sheet_size, framing, decoder)
     else:
         from .pipeline import PRESETS
 
@@ -990,11 +1021,16 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         steps, sampler = pre.coarse_steps, "dpm++"
         sr = pipe.sr_for(pre)  # the model this preset draws with (``high``: a folder's 4x one)
         guide = pipe.hd.guide
-        store = ObjectStore(out_path.with_name(f"{out_path.stem}.objects"), {
+        cmap = pipe.colour_map(preset, pre)
+        colour_map = None if cmap is None else cmap.to_record()
+        key = {
             "weights": weights_digest(pipe.hd, sr, guide),
             "configs": repr((pipe.hd.config, sr.config, guide.config if guide is not None else None)),
             "preset": [preset, repr(pre)], "category": name, "surface": asdict(scfg),
-            "sheet": [sheet_views, sheet_size, list(framing)], "device": str(pipe.device), "torch": torch.__version__})
+            "sheet": [sheet_views, sheet_size, list(framing)], "device": str(pipe.device), "torch": torch.__version__}
+        if colour_map is not None:  # (only then: objects stored before colour calibration existed stay valid)
+            key["colour_map"] = colour_map
+        store = ObjectStore(out_path.with_name(f"{out_path.stem}.objects"), key)
         sets, strips = [], []
         bar = tqdm(total=len(seeds), desc=f"{preset} preset", unit="obj", disable=not progress)
         for i, s in enumerate(seeds):
@@ -1038,7 +1074,7 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         "model": str(Path(model_path).resolve()), "data": str(root.resolve()), "category": name,
         "reference_split": split, "references": len(refs), "reference_sequences": ref_names,
         "preset": preset, "samples": n, "seed": seed, "steps": steps, "sampler": sampler,
-        "autoguidance": autoguidance, "points": points,
+        "autoguidance": autoguidance, "colour_map": colour_map, "points": points,
         "empty_samples": n_empty, "colour_weight": w,
         "colour_weight_rule": "given (--colour-weight)" if colour_weight is not None else
                               "balanced: colour and shape differences between the references weigh the same",

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .cameras import PerspectiveCamera
+from .colour import ColourMap, colour_map_of, map_decoder, map_explicit_grid
 from .data.co3d import mask_crop_box
 from .diffusion import SamplingCancelled
 from .distill import DistillCancelled, DistillConfig, ExplicitField, distill, start_grid, view_cameras
@@ -231,14 +232,43 @@ class HoloFusionPipeline:
         if not 0 <= seed <= MAX_SEED:  # the server's range, so a seed names the same object on every route
             raise UserError(f"seed {seed} is out of range: seeds are whole numbers from 0 to {MAX_SEED}")
         coarse = self.coarse(seed, category, pre.coarse_steps, callback, pre.autoguidance)
-        out = PipelineOutput(seed, category, name, coarse, self.hd.decoder)
+        # The coarse field is shown in the draft preset's calibrated colours (``colour.py``); the stages below read
+        # the uncalibrated ones, which their models were trained on.
+        out = PipelineOutput(seed, category, name, coarse, self.coarse_decoder())
         if not pre.superres:
             return out
         cams, cond = self.conditions(coarse, pre)
         out.cameras = cams
         out.views = self.first_views(cond, seed, pre, callback)
-        out.distilled, out.distill_iterations = self.distill(coarse, out.views, cams, cond, seed, pre, callback)
+        distilled, out.distill_iterations = self.distill(coarse, out.views, cams, cond, seed, pre, callback)
+        cmap = self.colour_map(name, pre)
+        out.distilled = distilled if cmap is None else map_explicit_grid(distilled, cmap)
         return out
+
+    def colour_map(self, name: str, pre: Preset) -> ColourMap | None:
+        """The colour calibration of preset ``name`` (``holofusion calibrate``; ``colour.py``), or None: a custom
+        preset has none, nor one whose map was measured with another super-resolution model than ``pre`` draws
+        with (the map is a property of the pair)."""
+        from .evaluate import weights_digest
+
+        cmap = colour_map_of(self.hd, name)
+        if cmap is None or not pre.superres:
+            return cmap
+        sr = self.sr_for(pre)
+        digests = self.__dict__.setdefault("_sr_digests", {})
+        if id(sr) not in digests:
+            digests[id(sr)] = weights_digest(sr)
+        return cmap if self.hd.info["colour"][name].get("superres") == digests[id(sr)] else None
+
+    def coarse_decoder(self) -> torch.nn.Module:
+        """The decoder the coarse field is shown (and the draft preset meshed) with: the model's own, in the draft
+        preset's calibrated colours where it has them."""
+        cmap = colour_map_of(self.hd, "draft")
+        if cmap is None:
+            return self.hd.decoder
+        if getattr(self, "_mapped", (None, None))[0] != cmap:
+            self._mapped = (cmap, map_decoder(self.hd.decoder, cmap))
+        return self._mapped[1]
 
     def _preset(self, preset: str | Preset) -> tuple[str, Preset]:
         if isinstance(preset, Preset):
