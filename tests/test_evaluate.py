@@ -527,11 +527,17 @@ def test_bad_inputs_exit_2_with_one_line(case, run_dir, dataset, tmp_path, capsy
         assert not (tmp_path / "s").exists()
 
 
-def test_evaluate_a_preset_measures_the_distilled_objects(tiny_models, tmp_path, capsys, one_thread):
+def test_evaluate_a_preset_measures_the_distilled_objects(tiny_models, tmp_path, capsys, one_thread, monkeypatch):
     """--preset standard runs the whole pipeline per seed and measures the surface of the distilled grid (what a
     user's mesh is cut from), not the coarse sample; a folder without a super-resolution model is refused."""
+    from holofusion.distill import DistillConfig
     from holofusion.evaluate import SurfaceConfig, opacity_length_of, reference_points, surface_points
-    from holofusion.pipeline import HoloFusionPipeline
+    from holofusion.pipeline import PRESETS, HoloFusionPipeline, Preset
+
+    # All three stages under the standard preset's name, with fewer views, steps and iterations (the full preset
+    # takes a minute per object here; it runs on the shipped models in test_generate, the demo and the benchmark).
+    fit = DistillConfig(resolution=32, iterations=100, resample_every=0, tv_weight=0.01, colour_init="views")
+    monkeypatch.setitem(PRESETS, "standard", Preset(views=4, sr_steps=3, distill=fit))
 
     pipe_dir, data = tiny_models["pipeline"], tiny_models["data"]
     args = ["--data", data, "--samples", "1", "--seed", "3", "--points", "64", "--lattice", "16"]

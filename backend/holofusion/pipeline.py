@@ -153,6 +153,8 @@ class HoloFusionPipeline:
         self.sr = superres.eval() if superres is not None else None
         self.sr_high = superres_high.eval() if superres_high is not None else None
         self.name = name
+        self._sr_digests: dict[int, str] = {}  # id(super-resolution model) -> weights digest (``colour_map``)
+        self._mapped: tuple[ColourMap, torch.nn.Module] | None = None  # (draft map, decoder with it folded in)
 
     def sr_for(self, preset: Preset) -> SuperRes | None:
         """The super-resolution model ``preset`` draws its views with (``Preset.sr_model``)."""
@@ -255,10 +257,9 @@ class HoloFusionPipeline:
         if cmap is None or not pre.superres:
             return cmap
         sr = self.sr_for(pre)
-        digests = self.__dict__.setdefault("_sr_digests", {})
-        if id(sr) not in digests:
-            digests[id(sr)] = weights_digest(sr)
-        return cmap if self.hd.info["colour"][name].get("superres") == digests[id(sr)] else None
+        if id(sr) not in self._sr_digests:
+            self._sr_digests[id(sr)] = weights_digest(sr)
+        return cmap if self.hd.info["colour"][name].get("superres") == self._sr_digests[id(sr)] else None
 
     def coarse_decoder(self) -> torch.nn.Module:
         """The decoder the coarse field is shown (and the draft preset meshed) with: the model's own, in the draft
@@ -266,7 +267,7 @@ class HoloFusionPipeline:
         cmap = colour_map_of(self.hd, "draft")
         if cmap is None:
             return self.hd.decoder
-        if getattr(self, "_mapped", (None, None))[0] != cmap:
+        if self._mapped is None or self._mapped[0] != cmap:
             self._mapped = (cmap, map_decoder(self.hd.decoder, cmap))
         return self._mapped[1]
 
