@@ -188,9 +188,7 @@ def calibrate_colour(pipe, z: Tensor, truth: Tensor, presets: Sequence[str] | Ma
         for i in range(len(z)):
             one = VoxelGrid(grids.features[i:i + 1], grids.box_min, grids.box_max)
             if pre.superres:
-                cams, cond = pipe.conditions(one, pre)
-                views = pipe.first_views(cond, i, pre, None)
-                grid, _ = pipe.distill(one, views, cams, cond, i, pre, None)
+                grid = pipe.refine(one, i, pre)[2]
                 field, activation = ExplicitField(), "softplus"
             else:
                 grid, field, activation = one, hd.decoder, hd.config.render.density_activation

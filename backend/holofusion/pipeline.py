@@ -239,13 +239,19 @@ class HoloFusionPipeline:
         out = PipelineOutput(seed, category, name, coarse, self.coarse_decoder())
         if not pre.superres:
             return out
-        cams, cond = self.conditions(coarse, pre)
-        out.cameras = cams
-        out.views = self.first_views(cond, seed, pre, callback)
-        distilled, out.distill_iterations = self.distill(coarse, out.views, cams, cond, seed, pre, callback)
+        out.cameras, out.views, distilled, out.distill_iterations = self.refine(coarse, seed, pre, callback)
         cmap = self.colour_map(name, pre)
         out.distilled = distilled if cmap is None else map_explicit_grid(distilled, cmap)
         return out
+
+    def refine(self, coarse: VoxelGrid, seed: int, pre: Preset, callback: PipelineCallback | None = None
+               ) -> tuple[PerspectiveCamera, Tensor, VoxelGrid, int]:
+        """Stages 2 and 3 on a coarse grid: (the K view cameras, the super-resolved views, the distilled grid before
+        any colour map, the distillation's iterations)."""
+        cams, cond = self.conditions(coarse, pre)
+        views = self.first_views(cond, seed, pre, callback)
+        distilled, iterations = self.distill(coarse, views, cams, cond, seed, pre, callback)
+        return cams, views, distilled, iterations
 
     def colour_map(self, name: str, pre: Preset) -> ColourMap | None:
         """The colour calibration of preset ``name`` (``holofusion calibrate``; ``colour.py``), or None: a custom
