@@ -232,9 +232,9 @@ def _add_calibrate(sub) -> None:
 
 
 def _cmd_calibrate(args) -> int:
-    from .colour import calibrate_colour
+    from .colour import calibrate_colour, measurable_presets
     from .evaluate import _load_model, calibrate_surface, model_file, training_reconstructions
-    from .pipeline import PRESETS, HoloFusionPipeline
+    from .pipeline import HoloFusionPipeline
     from .weights import load_weights, save_weights
 
     path = model_file(args.model)
@@ -242,15 +242,10 @@ def _cmd_calibrate(args) -> int:
         pipe = HoloFusionPipeline.from_pretrained(str(path.parent), args.device)
     else:
         pipe = HoloFusionPipeline(_load_model(args.model, args.device))
-    presets = ["draft"] + (["standard"] if pipe.sr is not None else [])
+    names = ["draft"] + (["standard"] if pipe.sr is not None else [])
     if args.presets is not None:
-        presets = [x.strip() for x in args.presets.split(",") if x.strip()]
-        for name in presets:
-            if name not in PRESETS:
-                raise UserError(f"--presets: {name!r} is not a preset; choose from {', '.join(PRESETS)}")
-            if PRESETS[name].superres and pipe.sr is None:
-                raise UserError(f"--presets {name}: that preset needs a super-resolution model, and {args.model!r} "
-                                "is not a model folder with a superres.safetensors; give the folder, or only draft")
+        names = [x.strip() for x in args.presets.split(",") if x.strip()]
+    presets = measurable_presets(pipe, names, "--presets")  # before the slow part
     state, meta = load_weights(path)
     info = dict(meta["info"])
     recon = training_reconstructions(pipe.hd, args.data, args.objects)

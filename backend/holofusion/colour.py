@@ -41,7 +41,8 @@ from torch import Tensor
 from .grid import VoxelGrid
 
 __all__ = [
-    "ColourMap", "fit_colour_map", "map_decoder", "map_explicit_grid", "colour_map_of", "calibrate_colour", "QUANTILES",
+    "ColourMap", "fit_colour_map", "map_decoder", "map_explicit_grid", "colour_map_of", "calibrate_colour",
+    "measurable_presets", "QUANTILES",
 ]
 
 QUANTILES = np.linspace(0.05, 0.95, 91)
@@ -151,6 +152,23 @@ def colour_map_of(model, preset: str) -> ColourMap | None:
     return ColourMap.from_record(record) if record else None
 
 
+def measurable_presets(pipe, names: Sequence[str], what: str = "preset") -> dict[str, Any]:
+    """{name: Preset} for preset ``names`` that ``pipe`` can run, else a ``UserError`` starting with ``what`` (the
+    option the names came from): an unknown name, or a super-resolved preset without a super-resolution model."""
+    from .errors import UserError
+    from .pipeline import PRESETS
+
+    table = {}
+    for name in names:
+        if name not in PRESETS:
+            raise UserError(f"{what}: {name!r} is not a preset; choose from {', '.join(PRESETS)}")
+        if PRESETS[name].superres and pipe.sr_for(PRESETS[name]) is None:
+            raise UserError(f"{what} {name}: that preset needs a super-resolution model, and the model is not a "
+                            "model folder with a superres.safetensors; give the folder, or only draft")
+        table[name] = PRESETS[name]
+    return table
+
+
 def calibrate_colour(pipe, z: Tensor, truth: Tensor, presets: Sequence[str] | Mapping[str, Any],
                      opacity_length: float | None = None, points: int = 1024,
                      progress: bool = True) -> dict[str, dict[str, Any]]:
@@ -170,19 +188,13 @@ def calibrate_colour(pipe, z: Tensor, truth: Tensor, presets: Sequence[str] | Ma
     from .distill import ExplicitField
     from .errors import UserError
     from .evaluate import SurfaceConfig, opacity_length_of, surface_points, weights_digest
-    from .pipeline import PRESETS
 
     hd = pipe.hd
     scfg = SurfaceConfig(points=points, opacity_length=opacity_length or opacity_length_of(hd))
     grids = hd.to_grid(z)
     records: dict[str, dict[str, Any]] = {}
-    table = dict(presets) if isinstance(presets, Mapping) else {}
-    for name in presets:
-        if name not in table and name not in PRESETS:
-            raise UserError(f"preset {name!r} is unknown; choose from {', '.join(PRESETS)}")
-        pre = table.get(name) or PRESETS[name]
-        if pre.superres and pipe.sr_for(pre) is None:
-            raise UserError(f"preset {name!r} needs a super-resolution model, and the model folder has none")
+    table = dict(presets) if isinstance(presets, Mapping) else measurable_presets(pipe, presets)
+    for name, pre in table.items():
         made, true = [], []
         bar = tqdm(total=len(z), desc=f"colour of {name}", unit="obj", disable=not progress)
         for i in range(len(z)):
