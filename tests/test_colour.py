@@ -139,13 +139,59 @@ def test_calibrate_stores_the_maps_and_keeps_the_surface_with_only_colour(apple_
     shutil.copyfile(MODELS_DIR / "apple" / "holodiffusion.safetensors", model)
     before = read_metadata(model)["info"]
     code, out, err = run_cli(capsys, "calibrate", "--model", model, "--data", data, "--objects", "3",
-                             "--only", "colour")
+                             "--only", "colour", "--source", "reconstructions")
     assert code == 0, err
     info = read_metadata(model)["info"]
     assert set(info["colour"]) == {"draft"}  # a model file alone: no super-resolution model to measure standard with
-    assert info["colour"]["draft"]["objects"] == 3 and "colour of draft: logit scale" in out
+    record = info["colour"]["draft"]
+    assert record["objects"] == 3 and record["source"] == "reconstructions"
+    assert "colour of draft (reconstructions): logit scale" in out
     assert info["surface"] == before["surface"] and "surface level" not in out
-    assert colour_map_of(load_holodiffusion(str(model)), "draft") == ColourMap.from_record(info["colour"]["draft"])
+    assert colour_map_of(load_holodiffusion(str(model)), "draft") == ColourMap.from_record(record)
+
+
+def test_training_colours_are_read_off_the_training_clouds_alone(apple_training):
+    from holofusion.colour import training_colours
+    from holofusion.data.co3d import Co3dDataset
+
+    pipe, data, _ = apple_training
+    every = training_colours(pipe.hd, data, points=256)
+    trained_on = Co3dDataset(data, "apple", subset="fewview_dev", split="train", image_size=None).sequences
+    assert every.shape == (len(trained_on), 256, 3) and 0 <= every.min() and every.max() <= 1
+    assert training_colours(pipe.hd, data, objects=2, points=256).shape == (2, 256, 3)
+    assert torch.equal(training_colours(pipe.hd, data, points=256), every)  # drawn from a fixed seed
+
+
+def test_the_draft_map_measured_on_samples_matches_them_to_the_training_colours(apple_training):
+    from holofusion.colour import calibrate_colour_on_samples, training_colours
+
+    pipe, data, _ = apple_training
+    truth = training_colours(pipe.hd, data, points=512)
+    r = calibrate_colour_on_samples(pipe, range(10000, 10003), truth, ["draft"], points=512,
+                                    progress=False)["draft"]
+    assert r["source"] == "samples" and r["seeds"] == [10000, 10002] and r["references"] == len(truth)
+    assert r["objects"] == 3 and "superres" not in r
+    # a few samples and training apples differ in mean colour by chance as much as by the model's bias (apples are
+    # red, yellow or green); whichever way, the map carries the samples' distribution onto the training objects'
+    assert sum(abs(v) for v in r["error_before"]) > 0.05
+    assert sum(abs(v) for v in r["error_after"]) < 0.5 * sum(abs(v) for v in r["error_before"])
+
+
+def test_calibrate_measures_colours_on_samples_by_default(apple_training, tmp_path, capsys):
+    _, data, _ = apple_training
+    model = tmp_path / "model.safetensors"
+    shutil.copyfile(MODELS_DIR / "apple" / "holodiffusion.safetensors", model)
+    code, out, err = run_cli(capsys, "calibrate", "--model", model, "--data", data, "--only", "colour",
+                             "--samples", "3", "--seed", "20000")
+    assert code == 0, err
+    record = read_metadata(model)["info"]["colour"]["draft"]
+    assert record["source"] == "samples" and record["seeds"] == [20000, 20002] and record["objects"] == 3
+    assert "colour of draft (samples): logit scale" in out
+    before = model.read_bytes()
+    code, _, err = run_cli(capsys, "calibrate", "--model", model, "--data", data, "--only", "colour",
+                           "--seed", "-1")
+    assert code == 2 and "--seed -1 with --samples 64: seeds are whole numbers from 0" in err
+    assert model.read_bytes() == before
 
 
 def _with_maps(folder, draft: ColourMap, standard: ColourMap) -> None:

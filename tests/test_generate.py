@@ -126,7 +126,30 @@ def test_shipped_models_are_complete_and_within_the_size_budget():
     for name, (guide_step, step, weight) in guides.items():
         model = load_holodiffusion(str(MODELS_DIR / name / "holodiffusion.safetensors"))
         assert (model.guide.info["step"], model.info["step"], model.guide_weight) == (guide_step, step, weight)
-        assert any(line.startswith(name) and line.endswith(f"autoguided (w {weight:g})") for line in listing)
+        assert any(line.startswith(name) and f"autoguided (w {weight:g})" in line for line in listing)
+    # Colour maps (holofusion calibrate, fitted on each preset's own samples): the draft preset of every model.
+    assert {r["name"]: r["colour_maps"] for r in rows} == {name: ["draft"] for name in guides}
+
+
+def test_the_listing_names_the_presets_with_colour_maps(tiny_models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from holofusion.weights import read_metadata, save_weights
+
+    for name, maps in (("plain", None), ("calibrated", {"standard": {}, "draft": {}})):
+        shutil.copytree(tiny_models["pipeline"], tmp_path / name)
+        if maps is not None:  # as holofusion calibrate stores them (the records' contents do not matter here)
+            path = tmp_path / name / "holodiffusion.safetensors"
+            meta = read_metadata(path)
+            save_weights(path, load_file(path), meta["kind"], meta["config"], {**meta["info"], "colour": maps})
+    rows = {r["name"]: r for r in list_models(tmp_path)}
+    assert rows["plain"]["colour_maps"] == [] and rows["calibrated"]["colour_maps"] == ["draft", "standard"]
+    listing = format_models(list(rows.values())).splitlines()
+    assert any(line.startswith("calibrated") and line.endswith("colours calibrated for draft, standard")
+               for line in listing)
+    assert not any(line.startswith("plain") and "calibrated" in line for line in listing)
 
 
 def test_a_category_without_a_model_picks_the_model_that_knows_it():

@@ -203,38 +203,51 @@ def _cmd_sample(args) -> int:
 
 
 def _add_calibrate(sub) -> None:
-    p = sub.add_parser("calibrate", help="measure a model's surface level and colour maps on its training objects",
-                       description="Encode training objects of the model's categories from their views. Surface: "
+    p = sub.add_parser("calibrate", help="measure a model's surface level and colour maps against its training objects",
+                       description="Surface: encode training objects of the model's categories from their views and "
                                    "find the level (opacity length) whose surfaces lie closest to their point "
-                                   "clouds. Colour: for each preset, map the colours of the objects it makes from "
-                                   "those grids onto the true colours (a per-channel map of the colour's logit; "
-                                   "models learn colours brighter than the objects from images blended with a white "
-                                   "background). Both are stored in the model file, where holofusion generate, "
-                                   "evaluate, the backend and the Blender extension use them. Held-out objects are "
-                                   "not used. The trainer measures the surface itself when its autoencoder is done; "
-                                   "colours need the super-resolution model too, so run this once both are trained.")
+                                   "clouds. Colour: for each preset, a per-channel map of the colour's logit that "
+                                   "carries the colours of the objects the preset makes onto those of the training "
+                                   "objects (models learn colours brighter than the objects from images blended with "
+                                   "a white background). By default the preset's own samples are measured, on seeds "
+                                   "that evaluations do not use (--seed); --source reconstructions measures "
+                                   "reconstructions of training objects instead. Both are stored in the model file, "
+                                   "where holofusion generate, evaluate, the backend and the Blender extension use "
+                                   "them. Held-out objects are not used. The trainer measures the surface itself "
+                                   "when its autoencoder is done; colours need the super-resolution model too, so "
+                                   "run this once both are trained.")
     p.add_argument("--model", required=True, help="model folder or shipped model's name (colour maps of presets with "
                                                   "super-resolution need its superres.safetensors), a run folder or "
                                                   "a .safetensors model file; rewritten in place with the results "
                                                   "in its metadata")
-    p.add_argument("--data", required=True, help="CO3Dv2-format dataset root with the model's training objects")
-    p.add_argument("--objects", type=_positive_int("--objects"), default=16,
-                   help="training objects to measure (default: 16)")
+    p.add_argument("--data", required=True, help="CO3Dv2-format dataset root with the model's training objects "
+                                                 "(colours from samples read only their point clouds)")
+    p.add_argument("--objects", type=_positive_int("--objects"), default=None,
+                   help="training objects to measure against (default: 16 for the surface level and for colours "
+                        "from reconstructions; every training object for colours from samples)")
     p.add_argument("--only", choices=("surface", "colour"), default=None,
                    help="measure only the surface level or only the colour maps (default: both; a new surface level "
                         "drops colour maps not measured at it)")
     p.add_argument("--presets", default=None,
                    help="comma-separated presets to measure colour maps for (default: draft, and standard where "
-                        "the folder has a super-resolution model; high runs its full stages per object, minutes "
-                        "each on a CPU)")
+                        "the folder has a super-resolution model)")
+    p.add_argument("--source", choices=("samples", "reconstructions"), default="samples",
+                   help="what the colour maps measure: the preset's own samples (default; standard runs all three "
+                        "stages per sample, about a minute each on a CPU) or the preset's reconstructions of "
+                        "training objects (needs their views)")
+    p.add_argument("--samples", type=_positive_int("--samples"), default=64,
+                   help="samples per preset for colours from samples (default: 64)")
+    p.add_argument("--seed", type=int, default=10000,
+                   help="first seed of those samples (default: 10000; evaluations measure seeds from 0, so keep "
+                        "them apart)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_calibrate(args) -> int:
-    from .colour import calibrate_colour, measurable_presets
+    from .colour import calibrate_colour, calibrate_colour_on_samples, measurable_presets, training_colours
     from .evaluate import _load_model, calibrate_surface, model_file, training_reconstructions
-    from .pipeline import HoloFusionPipeline
+    from .pipeline import MAX_SEED, HoloFusionPipeline
     from .weights import load_weights, save_weights
 
     path = model_file(args.model)
@@ -246,9 +259,15 @@ def _cmd_calibrate(args) -> int:
     if args.presets is not None:
         names = [x.strip() for x in args.presets.split(",") if x.strip()]
     presets = measurable_presets(pipe, names, "--presets")  # before the slow part
+    from_samples = args.only != "surface" and args.source == "samples"
+    if from_samples and not 0 <= args.seed <= args.seed + args.samples - 1 <= MAX_SEED:
+        raise UserError(f"--seed {args.seed} with --samples {args.samples}: seeds are whole numbers from 0 to "
+                        f"{MAX_SEED}")
     state, meta = load_weights(path)
     info = dict(meta["info"])
-    recon = training_reconstructions(pipe.hd, args.data, args.objects)
+    recon = None
+    if args.only != "colour" or not from_samples:
+        recon = training_reconstructions(pipe.hd, args.data, args.objects or 16)
     if args.only != "colour":
         surface = calibrate_surface(pipe.hd, args.data, reconstructions=recon)
         old = (info.get("surface") or {}).get("opacity_length", "not calibrated")
@@ -259,14 +278,18 @@ def _cmd_calibrate(args) -> int:
         print(f"Chamfer to the true surfaces by opacity length: {table}")
         print(f"surface level: opacity length {surface['opacity_length']:g} (was {old})")
     if args.only != "surface":
-        if recon[2] is None:
+        if from_samples:
+            truth = training_colours(pipe.hd, args.data, args.objects)
+            maps = calibrate_colour_on_samples(pipe, range(args.seed, args.seed + args.samples), truth, presets)
+        elif recon[2] is None:
             raise UserError(f"--data {args.data!r}: the training point clouds carry no colours to calibrate on; "
                             "use --only surface")
-        maps = calibrate_colour(pipe, recon[0], recon[2], presets)
+        else:
+            maps = calibrate_colour(pipe, recon[0], recon[2], presets)
         info["colour"] = {**(info.get("colour") or {}), **maps}
         for name, r in maps.items():
-            print(f"colour of {name}: logit scale {r['scale']} shift {r['shift']}; mean colour error (R, G, B) "
-                  f"{r['error_before']} -> {r['error_after']} on {r['objects']} objects")
+            print(f"colour of {name} ({r['source']}): logit scale {r['scale']} shift {r['shift']}; mean colour "
+                  f"error (R, G, B) {r['error_before']} -> {r['error_after']} on {r['objects']} objects")
     save_weights(path, state, meta["kind"], meta["config"], info)
     print(f"wrote {path}")
     return 0

@@ -19,11 +19,15 @@ which leaves out the clipped ends where a logit is +-inf): the map carries the d
 the true one, contrast as well as brightness, and needs no point-to-point matching (which a reconstruction's small
 misplacements would blur into a contrast loss).
 
-Where from (``calibrate_colour``). Each preset gets its own map, since the later stages undo part of the coarse bias:
-``draft`` from the coarse reconstructions of training objects (the autoencoder's grids, coloured by the decoder);
-``standard`` and ``high`` by running that preset's super-resolution and distillation on those same grids. Held-out
-objects are never used. Maps live in the HoloDiffusion model's info under ``"colour"``, by preset
-(``holofusion calibrate``); a preset without one is left as it is.
+Where from. Each preset gets its own map, since the later stages undo part of the coarse bias, and a map is
+measured one of two ways (``holofusion calibrate --source``). ``calibrate_colour_on_samples`` (the default) runs the
+preset on seeds that evaluations do not use and matches its samples' colours to those of training objects: it
+measures what users get. ``calibrate_colour`` measures reconstructions of training objects instead (``draft``: the
+autoencoder's grids coloured by the decoder; ``standard`` and ``high``: that preset's super-resolution and
+distillation run on those grids); that needs the training views and fewer objects, but on the hydrant samples came
+out darker than reconstructions and its map over-corrected them. Held-out objects are never used. Maps live in the
+HoloDiffusion model's info under ``"colour"``, by preset (``holofusion calibrate``); a preset without one is left as
+it is.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from .grid import VoxelGrid
 
 __all__ = [
     "ColourMap", "fit_colour_map", "map_decoder", "map_explicit_grid", "colour_map_of", "calibrate_colour",
-    "measurable_presets", "QUANTILES",
+    "calibrate_colour_on_samples", "training_colours", "measurable_presets", "QUANTILES",
 ]
 
 QUANTILES = np.linspace(0.05, 0.95, 91)
@@ -169,11 +173,83 @@ def measurable_presets(pipe, names: Sequence[str], what: str = "preset") -> dict
     return table
 
 
+def training_colours(model, data, objects: int | None = None, points: int = 1024, seed: int = 0) -> Tensor:
+    """True colours (B, points, 3) in [0, 1] of ``objects`` training objects of a HoloDiffusion model's categories
+    (default: every training object), read off their point clouds alone: what ``calibrate_colour_on_samples``
+    matches samples to. No view is loaded, so a dataset made with few, small views serves as well."""
+    from .data.co3d import Co3dDataset
+    from .errors import UserError
+
+    info = getattr(model, "info", None) or {}
+    cats = list(model.config.categories or info.get("categories") or [])
+    if not cats:
+        raise UserError("the model names no category to calibrate on")
+    ds = Co3dDataset(data, cats, subset="fewview_dev", split="train", image_size=None)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(ds.sequences), generator=gen).tolist()
+    out = []
+    for i in order:
+        _, c = ds.point_cloud(*ds.sequences[i])
+        if c is None or not len(c):
+            continue
+        out.append(torch.from_numpy(c).float()[torch.randint(0, len(c), (points,), generator=gen)] / 255.0)
+        if objects is not None and len(out) == objects:
+            break
+    if not out:
+        raise UserError(f"--data {str(data)!r}: no training point cloud of {', '.join(cats)} with colours to "
+                        "calibrate on")
+    return torch.stack(out)
+
+
+def _surface_colours(pipe, grid: VoxelGrid, seed: int, pre, scfg) -> Tensor | None:
+    """The colours (P, 3) of the surface ``pre`` makes from a coarse grid (object ``seed``), before any colour map:
+    the coarse decoder's for draft, the distilled grid's after stages 2 and 3 otherwise; None where it is empty."""
+    from .distill import ExplicitField
+    from .evaluate import surface_points
+
+    hd = pipe.hd
+    if pre.superres:
+        grid = pipe.refine(grid, seed, pre)[2]
+        field, activation = ExplicitField(), "softplus"
+    else:
+        field, activation = hd.decoder, hd.config.render.density_activation
+    with torch.no_grad():
+        found = surface_points(grid, field, activation, scfg, [torch.Generator().manual_seed(seed)])
+    return None if bool(found.empty[0]) else found.colours[0]
+
+
+def _map_record(pipe, name: str, pre, made: list[Tensor], true: Tensor, **about: Any) -> dict[str, Any]:
+    """Fits the map of ``made`` colours onto ``true`` (N, 3) and the record ``holofusion calibrate`` stores."""
+    from .errors import UserError
+    from .evaluate import weights_digest
+
+    if not made:
+        raise UserError(f"no calibration object has a surface under preset {name!r}: nothing to fit colours on")
+    m = torch.cat(made)
+    cmap = fit_colour_map(m, true)
+    record: dict[str, Any] = {**cmap.to_record(), **about, "objects": len(made),
+                              "error_before": [round(float(v), 4) for v in m.mean(0) - true.mean(0)],
+                              "error_after": [round(float(v), 4) for v in cmap.apply(m).mean(0) - true.mean(0)]}
+    if pre.superres:
+        record["superres"] = weights_digest(pipe.sr_for(pre))
+    return record
+
+
+def _surface_config(pipe, opacity_length: float | None, points: int):
+    from .evaluate import SurfaceConfig, opacity_length_of
+
+    return SurfaceConfig(points=points, opacity_length=opacity_length or opacity_length_of(pipe.hd))
+
+
+def _table(pipe, presets: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
+    return dict(presets) if isinstance(presets, Mapping) else measurable_presets(pipe, presets)
+
+
 def calibrate_colour(pipe, z: Tensor, truth: Tensor, presets: Sequence[str] | Mapping[str, Any],
                      opacity_length: float | None = None, points: int = 1024,
                      progress: bool = True) -> dict[str, dict[str, Any]]:
-    """The colour map of each of ``presets``, measured on training objects: their encoder-space grids z (B, C, S, S,
-    S) and true colours (B, P, 3) (``evaluate.training_reconstructions``).
+    """The colour map of each of ``presets``, measured on reconstructions of training objects: their encoder-space
+    grids z (B, C, S, S, S) and true colours (B, P, 3) (``evaluate.training_reconstructions``).
 
     ``draft`` maps the coarse field's colours (the decoder's, at the surface) onto the true ones; a preset with
     super-resolution first runs its stages 2 and 3 on each grid as the pipeline would on a sample (object i's views
@@ -182,43 +258,50 @@ def calibrate_colour(pipe, z: Tensor, truth: Tensor, presets: Sequence[str] | Ma
     the map, the objects measured, the mean colour error (made minus true, per channel) before and after, and for a
     super-resolved preset the digest of the super-resolution model it was measured with (``HoloFusionPipeline``
     applies the map only with that model). ``presets`` are names of ``PRESETS``, or {name: Preset} to measure
-    other settings under a name."""
+    other settings under a name.
+
+    A reconstruction is not a sample: on the hydrant, samples came out darker than reconstructions, and this map
+    over-corrected them (``calibrate_colour_on_samples`` measures the samples themselves)."""
     from tqdm import tqdm
 
-    from .distill import ExplicitField
-    from .errors import UserError
-    from .evaluate import SurfaceConfig, opacity_length_of, surface_points, weights_digest
-
-    hd = pipe.hd
-    scfg = SurfaceConfig(points=points, opacity_length=opacity_length or opacity_length_of(hd))
-    grids = hd.to_grid(z)
+    scfg = _surface_config(pipe, opacity_length, points)
+    grids = pipe.hd.to_grid(z)
     records: dict[str, dict[str, Any]] = {}
-    table = dict(presets) if isinstance(presets, Mapping) else measurable_presets(pipe, presets)
-    for name, pre in table.items():
+    for name, pre in _table(pipe, presets).items():
         made, true = [], []
-        bar = tqdm(total=len(z), desc=f"colour of {name}", unit="obj", disable=not progress)
-        for i in range(len(z)):
-            one = VoxelGrid(grids.features[i:i + 1], grids.box_min, grids.box_max)
-            if pre.superres:
-                grid = pipe.refine(one, i, pre)[2]
-                field, activation = ExplicitField(), "softplus"
-            else:
-                grid, field, activation = one, hd.decoder, hd.config.render.density_activation
-            with torch.no_grad():
-                found = surface_points(grid, field, activation, scfg, [torch.Generator().manual_seed(i)])
-            if not bool(found.empty[0]):
-                made.append(found.colours[0])
+        for i in tqdm(range(len(z)), desc=f"colour of {name}", unit="obj", disable=not progress):
+            found = _surface_colours(pipe, VoxelGrid(grids.features[i:i + 1], grids.box_min, grids.box_max), i,
+                                     pre, scfg)
+            if found is not None:
+                made.append(found)
                 true.append(truth[i].float())
-            bar.update(1)
-        bar.close()
-        if not made:
-            raise UserError(f"no calibration object has a surface under preset {name!r}: nothing to fit colours on")
-        m, t = torch.cat(made), torch.cat(true)
-        cmap = fit_colour_map(m, t)
-        record: dict[str, Any] = {**cmap.to_record(), "objects": len(made),
-                                  "error_before": [round(float(v), 4) for v in m.mean(0) - t.mean(0)],
-                                  "error_after": [round(float(v), 4) for v in cmap.apply(m).mean(0) - t.mean(0)]}
-        if pre.superres:
-            record["superres"] = weights_digest(pipe.sr_for(pre))
-        records[name] = record
+        records[name] = _map_record(pipe, name, pre, made, torch.cat(true) if true else torch.empty(0, 3),
+                                    source="reconstructions")
+    return records
+
+
+def calibrate_colour_on_samples(pipe, seeds: Sequence[int], truth: Tensor,
+                                presets: Sequence[str] | Mapping[str, Any], opacity_length: float | None = None,
+                                points: int = 1024, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """The colour map of each of ``presets``, measured on its own samples: the objects the preset makes for
+    ``seeds`` (the model's categories in turn), their surface colours before any map matched, as a distribution,
+    to the colours of training objects ``truth`` (B, P, 3) (``training_colours``). Samples and training objects
+    need no pairing (the fit matches quantiles), so the map undoes what sampling adds to the model's colour bias
+    as well as the bias itself. Keep ``seeds`` apart from the seeds evaluations measure. Returns {preset: record}
+    as ``calibrate_colour`` does, with the seeds and the number of training objects."""
+    from tqdm import tqdm
+
+    scfg = _surface_config(pipe, opacity_length, points)
+    cats = pipe.categories or [None]
+    true = truth.reshape(-1, 3).float()
+    records: dict[str, dict[str, Any]] = {}
+    for name, pre in _table(pipe, presets).items():
+        made = []
+        for i, s in enumerate(tqdm(seeds, desc=f"colour of {name} samples", unit="obj", disable=not progress)):
+            coarse = pipe.coarse(int(s), cats[i % len(cats)], pre.coarse_steps, None, pre.autoguidance)
+            found = _surface_colours(pipe, coarse, int(s), pre, scfg)
+            if found is not None:
+                made.append(found)
+        records[name] = _map_record(pipe, name, pre, made, true, source="samples",
+                                    seeds=[int(min(seeds)), int(max(seeds))], references=len(truth))
     return records

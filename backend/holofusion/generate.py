@@ -216,8 +216,9 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 def list_models(root: Path = MODELS_DIR) -> list[dict[str, Any]]:
     """The shipped models: name, categories, ``sizes`` (each category's largest side in metres, as the .glb has it),
-    stages present (``guide``: an autoguidance model, ``guide_weight``: the weight the presets sample with), and the
-    training steps of each stage."""
+    stages present (``guide``: an autoguidance model, ``guide_weight``: the weight the presets sample with), the
+    presets with a colour map (``colour_maps``: ``holofusion calibrate``; ``colour.py``), and the training steps of
+    each stage."""
     from .holodiffusion import GUIDE_FILE, GUIDE_WEIGHT
     from .weights import read_metadata
 
@@ -237,8 +238,13 @@ def list_models(root: Path = MODELS_DIR) -> list[dict[str, Any]]:
                      "guide": guide.is_file(),
                      "guide_weight": float(read_metadata(guide)["info"].get("weight", GUIDE_WEIGHT))
                      if guide.is_file() else None,
-                     "presets": list(PRESETS) if sr.is_file() else ["draft"]})
+                     "presets": list(PRESETS) if sr.is_file() else ["draft"],
+                     "colour_maps": sorted(meta["info"].get("colour") or {}, key=_preset_order)})
     return rows
+
+
+def _preset_order(name: str) -> tuple[int, str]:
+    return (list(PRESETS).index(name) if name in PRESETS else len(PRESETS), name)
 
 
 def model_for(category: str | None, rows: list[dict[str, Any]]) -> str | None:
@@ -263,7 +269,8 @@ def format_models(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         presets = ", ".join(f"{p} (4x)" if p == "high" and r.get("superres_high") else p for p in r["presets"])
         guided = f"; autoguided (w {r['guide_weight']:g})" if r.get("guide") else ""
-        lines.append(f"{r['name']:<16} {','.join(r['categories']):<32} {presets}{guided}")
+        calibrated = f"; colours calibrated for {', '.join(r['colour_maps'])}" if r.get("colour_maps") else ""
+        lines.append(f"{r['name']:<16} {','.join(r['categories']):<32} {presets}{guided}{calibrated}")
     return "\n".join(lines)
 
 
