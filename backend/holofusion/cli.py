@@ -233,7 +233,7 @@ def _add_calibrate(sub) -> None:
                         "the folder has a super-resolution model)")
     p.add_argument("--source", choices=("samples", "reconstructions"), default="samples",
                    help="what the colour maps measure: the preset's own samples (default; standard runs all three "
-                        "stages per sample, about a minute each on a CPU) or the preset's reconstructions of "
+                        "stages per sample, about 25 s each on a 2-core CPU) or the preset's reconstructions of "
                         "training objects (needs their views)")
     p.add_argument("--samples", type=_positive_int("--samples"), default=64,
                    help="samples per preset for colours from samples (default: 64)")
