@@ -539,7 +539,17 @@ def test_evaluate_a_preset_measures_the_distilled_objects(tiny_models, tmp_path,
     fit = DistillConfig(resolution=32, iterations=100, resample_every=0, tv_weight=0.01, colour_init="views")
     monkeypatch.setitem(PRESETS, "standard", Preset(views=4, sr_steps=3, distill=fit))
 
-    pipe_dir, data = tiny_models["pipeline"], tiny_models["data"]
+    # The folder's standard preset has a colour map (holofusion calibrate): what users get, so what is measured.
+    from holofusion.colour import ColourMap
+    from holofusion.superres import load_superres
+    from holofusion.weights import read_metadata, save_weights
+
+    pipe_dir, data = tmp_path / "pipe", tiny_models["data"]
+    shutil.copytree(tiny_models["pipeline"], pipe_dir)
+    hd_file, cmap = pipe_dir / "holodiffusion.safetensors", ColourMap((1.3, 0.8, 1.1), (0.4, -0.3, 0.2))
+    meta, sr = read_metadata(hd_file), load_superres(str(pipe_dir / "superres.safetensors"))[0]
+    colour = {"standard": {**cmap.to_record(), "superres": weights_digest(sr)}}
+    save_weights(hd_file, load_file(hd_file), meta["kind"], meta["config"], {**meta["info"], "colour": colour})
     args = ["--data", data, "--samples", "1", "--seed", "3", "--points", "64", "--lattice", "16"]
     code, text, _ = run_cli(capsys, "evaluate", "--model", pipe_dir, "--preset", "standard", *args,
                             "--out", tmp_path / "std.json")
@@ -563,6 +573,12 @@ def test_evaluate_a_preset_measures_the_distilled_objects(tiny_models, tmp_path,
     refs = reference_points(data, "apple", 64)[0]
     d = torch.cdist(mine.points[0], refs.points[0]).pow(2)
     assert std["geometry"]["mmd"] == pytest.approx(float(d.min(1).values.mean() + d.min(0).values.mean()), rel=1e-4)
+    # ... and on (x, y, z, w r, w g, w b), its coloured one: the measured colours are the calibrated ones
+    assert std["colour_map"] == cmap.to_record()
+    w = std["colour_weight"]
+    d = torch.cdist(torch.cat([mine.points[0], w * mine.colours[0]], 1),
+                    torch.cat([refs.points[0], w * refs.colours[0]], 1)).pow(2)
+    assert std["coloured"]["mmd"] == pytest.approx(float(d.min(1).values.mean() + d.min(0).values.mean()), rel=1e-4)
     code, _, _ = run_cli(capsys, "evaluate", "--model", pipe_dir / "holodiffusion.safetensors", *args,
                          "--out", tmp_path / "draft.json")
     draft = json.loads((tmp_path / "draft.json").read_text())

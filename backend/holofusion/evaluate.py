@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .colour import colour_map_of, map_decoder
+from .colour import colour_map_of, map_decoder, map_explicit_grid
 from .errors import UserError
 from .grid import VoxelGrid
 from .nets.decoder import Decoder
@@ -1029,7 +1029,8 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
             "preset": [preset, repr(pre)], "category": name, "surface": asdict(scfg),
             "sheet": [sheet_views, sheet_size, list(framing)], "device": str(pipe.device), "torch": torch.__version__}
         if colour_map is not None:  # (only then: objects stored before colour calibration existed stay valid)
-            key["colour_map"] = colour_map
+            # (not "colour_map": stores written under that name hold objects the map was not applied to)
+            key["colour_map_applied"] = colour_map
         store = ObjectStore(out_path.with_name(f"{out_path.stem}.objects"), key)
         sets, strips = [], []
         bar = tqdm(total=len(seeds), desc=f"{preset} preset", unit="obj", disable=not progress)
@@ -1039,6 +1040,10 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
                 if store.kept:  # kept objects load in a blink, too fast for the bar to redraw: show them now
                     bar.set_postfix_str(f"{store.kept} kept from {store.folder.name}")
                 grid, decoder = pipe(s, cond, pre).field()  # the distilled grid and its explicit field
+                # ``pre`` carries the guide weight, so the pipeline runs it as a custom preset and leaves the colours
+                # as distilled: the preset's own map is applied here, as a request by the preset's name gets it
+                if cmap is not None:
+                    grid = map_explicit_grid(grid, cmap)
                 pts = surface_points(grid, decoder, "softplus", scfg, [torch.Generator().manual_seed(s)])
                 # every object's strip is kept (a fraction of a second): a later, larger sheet needs no re-run
                 found = pts, _field_turntable(grid, decoder, sheet_views, sheet_size, framing)
