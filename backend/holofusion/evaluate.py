@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .colour import colour_map_of, map_decoder, map_explicit_grid
+from .colour import colour_map_of, map_decoder
 from .errors import UserError
 from .grid import VoxelGrid
 from .nets.decoder import Decoder
@@ -1039,11 +1039,8 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
             if found is None:
                 if store.kept:  # kept objects load in a blink, too fast for the bar to redraw: show them now
                     bar.set_postfix_str(f"{store.kept} kept from {store.folder.name}")
-                grid, decoder = pipe(s, cond, pre).field()  # the distilled grid and its explicit field
-                # ``pre`` carries the guide weight, so the pipeline runs it as a custom preset and leaves the colours
-                # as distilled: the preset's own map is applied here, as a request by the preset's name gets it
-                if cmap is not None:
-                    grid = map_explicit_grid(grid, cmap)
+                # the distilled grid, in the preset's colour map, and its explicit field
+                grid, decoder = pipe(s, cond, preset, autoguidance=autoguidance).field()
                 pts = surface_points(grid, decoder, "softplus", scfg, [torch.Generator().manual_seed(s)])
                 # every object's strip is kept (a fraction of a second): a later, larger sheet needs no re-run
                 found = pts, _field_turntable(grid, decoder, sheet_views, sheet_size, framing)

@@ -223,8 +223,12 @@ class HoloFusionPipeline:
 
     # ------------------------------------------------------------------ stages
     def __call__(self, seed: int, category: str | None = None, preset: str | Preset = "standard",
-                 callback: PipelineCallback | None = None) -> PipelineOutput:
+                 callback: PipelineCallback | None = None, autoguidance: float | None = None) -> PipelineOutput:
+        """One object. ``autoguidance`` overrides the preset's guide weight and keeps its name, so the preset's
+        colour map still applies (a ``Preset`` given as such is a custom one, with no map)."""
         name, pre = self._preset(preset)
+        if autoguidance is not None:
+            pre = replace(pre, autoguidance=autoguidance)
         if category is not None and category not in self.categories:
             raise UserError(f"category {category!r} is not one this model knows ({', '.join(self.categories)})")
         if pre.superres and self.sr is None:
