@@ -179,11 +179,9 @@ def training_colours(model, data, objects: int | None = None, points: int = 1024
     matches samples to. No view is loaded, so a dataset made with few, small views serves as well."""
     from .data.co3d import Co3dDataset
     from .errors import UserError
+    from .evaluate import training_categories
 
-    info = getattr(model, "info", None) or {}
-    cats = list(model.config.categories or info.get("categories") or [])
-    if not cats:
-        raise UserError("the model names no category to calibrate on")
+    cats = training_categories(model)
     ds = Co3dDataset(data, cats, subset="fewview_dev", split="train", image_size=None)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(ds.sequences), generator=gen).tolist()
@@ -295,11 +293,14 @@ def calibrate_colour_on_samples(pipe, seeds: Sequence[int], truth: Tensor,
     cats = pipe.categories or [None]
     true = truth.reshape(-1, 3).float()
     records: dict[str, dict[str, Any]] = {}
+    coarse: dict[tuple, VoxelGrid] = {}  # presets sampling alike (draft and standard) share their coarse grids
     for name, pre in _table(pipe, presets).items():
         made = []
         for i, s in enumerate(tqdm(seeds, desc=f"colour of {name} samples", unit="obj", disable=not progress)):
-            coarse = pipe.coarse(int(s), cats[i % len(cats)], pre.coarse_steps, None, pre.autoguidance)
-            found = _surface_colours(pipe, coarse, int(s), pre, scfg)
+            at = (int(s), cats[i % len(cats)], pre.coarse_steps, pre.autoguidance)
+            if at not in coarse:
+                coarse[at] = pipe.coarse(*at[:3], None, at[3])
+            found = _surface_colours(pipe, coarse[at], int(s), pre, scfg)
             if found is not None:
                 made.append(found)
         records[name] = _map_record(pipe, name, pre, made, true, source="samples",

@@ -72,6 +72,7 @@ __all__ = [
     "level_set_points",
     "surface_points",
     "model_surface_points",
+    "training_categories",
     "training_reconstructions",
     "chamfer_pairs",
     "chamfer_matrix",
@@ -356,6 +357,15 @@ def fit_opacity_length(grid: VoxelGrid, decoder: Decoder, truth: Tensor, activat
     return best, scores
 
 
+def training_categories(model, categories: Sequence[str] | None = None) -> list[str]:
+    """The categories a calibration measures a HoloDiffusion model on: ``categories``, else those it was trained on."""
+    info = getattr(model, "info", None) or {}
+    cats = list(categories or model.config.categories or info.get("categories") or [])
+    if not cats:
+        raise UserError("the model names no category to calibrate on")
+    return cats
+
+
 def training_reconstructions(model, data: str | Path, objects: int = 16, points: int = 1024, seed: int = 0,
                              progress: bool = True, categories: Sequence[str] | None = None,
                              image_size: int | None = None, n_source: int | None = None
@@ -369,9 +379,7 @@ def training_reconstructions(model, data: str | Path, objects: int = 16, points:
     from .data.co3d import Co3dDataset
 
     info = getattr(model, "info", None) or {}
-    cats = list(categories or model.config.categories or info.get("categories") or [])
-    if not cats:
-        raise UserError("the model names no category to calibrate on")
+    cats = training_categories(model, categories)
     ds = Co3dDataset(data, cats, subset="fewview_dev", split="train",
                      image_size=int(image_size or info.get("image_size", 64)))
     n_source = int(n_source or info.get("n_source", 8))
