@@ -129,8 +129,9 @@ def test_shipped_models_are_complete_and_within_the_size_budget():
         assert any(line.startswith(name) and f"autoguided (w {weight:g})" in line for line in listing)
     # Colour maps (holofusion calibrate, fitted on each preset's own samples): the draft preset of every model, and
     # standard where it was measured on 100 held-out objects (the MODEL_CARDs)
-    assert {r["name"]: r["colour_maps"] for r in rows} == {"apple": ["draft"], "donut": ["draft", "standard"],
-                                                           "hydrant": ["draft", "standard"], "teddybear": ["draft"]}
+    assert {r["name"]: r["colour_maps"] for r in rows} == {
+        "apple": ["draft", "standard"], "donut": ["draft", "standard"], "hydrant": ["draft", "standard"],
+        "teddybear": ["draft"]}
 
 
 def test_the_listing_names_the_presets_with_colour_maps(tiny_models, tmp_path):
