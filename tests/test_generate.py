@@ -132,6 +132,9 @@ def test_shipped_models_are_complete_and_within_the_size_budget():
     assert {r["name"]: r["colour_maps"] for r in rows} == {
         "apple": ["draft", "standard"], "donut": ["draft", "standard"], "hydrant": ["draft", "standard"],
         "teddybear": ["draft"]}
+    # Object frames (holofusion calibrate --only frame): where centring samples on it was measured to help
+    assert {r["name"] for r in rows if r["frame"]} == {"hydrant"}
+    assert any(line.startswith("hydrant") and "objects placed in the training frame" in line for line in listing)
 
 
 def test_the_listing_names_the_presets_with_colour_maps(tiny_models, tmp_path):

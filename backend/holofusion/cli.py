@@ -203,7 +203,8 @@ def _cmd_sample(args) -> int:
 
 
 def _add_calibrate(sub) -> None:
-    p = sub.add_parser("calibrate", help="measure a model's surface level and colour maps against its training objects",
+    p = sub.add_parser("calibrate", help="measure a model's surface level, colour maps and object frame against its "
+                                         "training objects",
                        description="Surface: encode training objects of the model's categories from their views and "
                                    "find the level (opacity length) whose surfaces lie closest to their point "
                                    "clouds. Colour: for each preset, a per-channel map of the colour's logit that "
@@ -211,7 +212,10 @@ def _add_calibrate(sub) -> None:
                                    "objects (models learn colours brighter than the objects from images blended with "
                                    "a white background). By default the preset's own samples are measured, on seeds "
                                    "that evaluations do not use (--seed); --source reconstructions measures "
-                                   "reconstructions of training objects instead. Both are stored in the model file, "
+                                   "reconstructions of training objects instead. Frame: the centre and spread every "
+                                   "training object's point cloud shares (CO3D-style data are normalised that way), "
+                                   "which generated objects are then centred on (and, with --frame-scale, scaled "
+                                   "to); data whose objects keep their own sizes get none. All are stored in the model file, "
                                    "where holofusion generate, evaluate, the backend and the Blender extension use "
                                    "them. Held-out objects are not used. The trainer measures the surface itself "
                                    "when its autoencoder is done; colours need the super-resolution model too, so "
@@ -225,9 +229,13 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--objects", type=_positive_int("--objects"), default=None,
                    help="training objects to measure against (default: 16 for the surface level and for colours "
                         "from reconstructions; every training object for colours from samples)")
-    p.add_argument("--only", choices=("surface", "colour"), default=None,
-                   help="measure only the surface level or only the colour maps (default: both; a new surface level "
-                        "drops colour maps not measured at it)")
+    p.add_argument("--only", choices=("surface", "colour", "frame"), default=None,
+                   help="measure only the surface level, the colour maps or the object frame (default: all three; a "
+                        "new surface level drops colour maps not measured at it; the frame reads only point clouds)")
+    p.add_argument("--frame-scale", action="store_true",
+                   help="with the frame: scale each generated object to the training objects' spread as well as "
+                        "centring it (default: centre only; a model whose samples miss the data's surface detail "
+                        "can come out closer to real objects at its own size)")
     p.add_argument("--presets", default=None,
                    help="comma-separated presets to measure colour maps for (default: draft, and standard where "
                         "the folder has a super-resolution model)")
@@ -247,6 +255,7 @@ def _add_calibrate(sub) -> None:
 def _cmd_calibrate(args) -> int:
     from .colour import calibrate_colour, calibrate_colour_on_samples, measurable_presets, training_colours
     from .evaluate import _load_model, calibrate_surface, model_file, training_reconstructions
+    from .frame import training_frame
     from .pipeline import MAX_SEED, HoloFusionPipeline
     from .weights import load_weights, save_weights
 
@@ -259,16 +268,35 @@ def _cmd_calibrate(args) -> int:
     if args.presets is not None:
         names = [x.strip() for x in args.presets.split(",") if x.strip()]
     presets = measurable_presets(pipe, names, "--presets")  # before the slow part
-    from_samples = args.only != "surface" and args.source == "samples"
+    do_surface, do_colour, do_frame = (args.only in (None, which) for which in ("surface", "colour", "frame"))
+    if args.frame_scale and not do_frame:
+        raise UserError(f"--frame-scale sets how the object frame is used, and --only {args.only} does not measure "
+                        "one; drop one of them")
+    from_samples = do_colour and args.source == "samples"
     if from_samples and not 0 <= args.seed <= args.seed + args.samples - 1 <= MAX_SEED:
         raise UserError(f"--seed {args.seed} with --samples {args.samples}: seeds are whole numbers from 0 to "
                         f"{MAX_SEED}")
     state, meta = load_weights(path)
     info = dict(meta["info"])
     recon = None
-    if args.only != "colour" or not from_samples:
+    if do_frame:  # first: it reads point clouds alone, and the colour samples below are placed in it
+        try:
+            frame = {**training_frame(pipe.hd, args.data, args.objects), "scale": args.frame_scale}
+        except UserError as e:
+            if args.only == "frame":
+                raise
+            frame = None
+            print(f"no object frame: {e}")
+        info.pop("frame", None)
+        if frame is not None:
+            info["frame"] = frame
+            print(f"object frame: centre {frame['centre']}, spread {frame['spread']} (varies by "
+                  f"{frame['spread_variation']:.2%} over {frame['objects']} training objects); generated objects "
+                  f"are {'centred and scaled to it' if frame['scale'] else 'centred on it'}")
+        pipe.hd.info = {**pipe.hd.info, "frame": frame}
+    if do_surface or (do_colour and not from_samples):
         recon = training_reconstructions(pipe.hd, args.data, args.objects or 16)
-    if args.only != "colour":
+    if do_surface:
         surface = calibrate_surface(pipe.hd, args.data, reconstructions=recon)
         old = (info.get("surface") or {}).get("opacity_length", "not calibrated")
         if surface["opacity_length"] != old:
@@ -277,7 +305,7 @@ def _cmd_calibrate(args) -> int:
         table = "  ".join(f"{k}: {v:.4f}" for k, v in surface["chamfer"].items())
         print(f"Chamfer to the true surfaces by opacity length: {table}")
         print(f"surface level: opacity length {surface['opacity_length']:g} (was {old})")
-    if args.only != "surface":
+    if do_colour:
         if from_samples:
             truth = training_colours(pipe.hd, args.data, args.objects)
             maps = calibrate_colour_on_samples(pipe, range(args.seed, args.seed + args.samples), truth, presets)

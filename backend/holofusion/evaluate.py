@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from .colour import colour_map_of, map_decoder
 from .errors import UserError
+from .frame import frame_of, frame_record, place_in_frame, surface_frame
 from .grid import VoxelGrid
 from .nets.decoder import Decoder
 from .render import activate_density
@@ -222,8 +223,22 @@ def level_set_points(sigma: Tensor, box_min: Sequence[float], box_max: Sequence[
 
     sigma: (L, L, L) values at the lattice vertices spanning the box, indexed [z, y, x] (``density_lattice``).
     Returns (n, 3) world points, or None when no lattice edge crosses the level. Points are the edge crossings
-    (linear interpolation), drawn with replacement with weight 1 / |n|_1 (see the module docstring).
+    (``level_set_crossings``), drawn with replacement with their weights.
     """
+    found = level_set_crossings(sigma, box_min, box_max, level)
+    if found is None:
+        return None
+    pts_all, w_all = found
+    # With replacement: the draw then follows the weights exactly, whatever n is against the number of crossings.
+    pick = torch.multinomial(w_all, n, replacement=True, generator=generator)
+    return pts_all[pick]
+
+
+def level_set_crossings(sigma: Tensor, box_min: Sequence[float], box_max: Sequence[float],
+                        level: float) -> tuple[Tensor, Tensor] | None:
+    """Every lattice edge's crossing of the level set ``sigma = level`` (linear interpolation) and its weight
+    1 / |n|_1, which makes the crossings an area-uniform measure of the surface (see the module docstring):
+    ((K, 3) world points, (K,) weights), or None when no edge crosses the level."""
     if sigma.dim() != 3 or len(set(sigma.shape)) != 1:
         raise ValueError(f"sigma must be a cubic (L, L, L) lattice, got {tuple(sigma.shape)}")
     sigma = sigma.float()
@@ -258,10 +273,7 @@ def level_set_points(sigma: Tensor, box_min: Sequence[float], box_max: Sequence[
         wts.append(w)
     if not pts:
         return None
-    pts_all, w_all = torch.cat(pts), torch.cat(wts)
-    # With replacement: the draw then follows the weights exactly, whatever n is against the number of crossings.
-    pick = torch.multinomial(w_all, n, replacement=True, generator=generator)
-    return pts_all[pick]
+    return torch.cat(pts), torch.cat(wts)
 
 
 @torch.no_grad()
@@ -777,18 +789,19 @@ def _turntable_cameras(views: int, size: int, framing: tuple[float, float, float
 
 
 @torch.no_grad()
-def _turntables(model, z: Tensor, views: int, size: int, framing: tuple[float, float, float],
+def _turntables(model, z: Tensor | VoxelGrid, views: int, size: int, framing: tuple[float, float, float],
                 decoder: Decoder | None = None) -> Tensor:
-    """Renders encoder-space grids z (B, C, S, S, S) with ``decoder`` (default: the model's own) from ``views``
-    turntable cameras: (B, V, H, W, 3) in [0, 1]."""
+    """Renders encoder-space grids z (B, C, S, S, S) (or a grid of them, placed: ``frame.py``) with ``decoder``
+    (default: the model's own) from ``views`` turntable cameras: (B, V, H, W, 3) in [0, 1]."""
     from .cameras import PerspectiveCamera
     from .render import render_grid
 
+    grid = z if isinstance(z, VoxelGrid) else model.to_grid(z)
     cams = _turntable_cameras(views, size, framing, model.device)
     # generator=None: deterministic
-    out = render_grid(model.to_grid(z), decoder or model.decoder, PerspectiveCamera.stack([cams] * z.shape[0]),
+    out = render_grid(grid, decoder or model.decoder, PerspectiveCamera.stack([cams] * grid.batch_size),
                       model.config.render)
-    return out.rgb.reshape(z.shape[0], views, size, size, 3).float().cpu()
+    return out.rgb.reshape(grid.batch_size, views, size, size, 3).float().cpu()
 
 
 @torch.no_grad()
@@ -1014,14 +1027,20 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
             zs.append(model.denormalize(x))
         bar.close()
         z = torch.cat(zs)
+        frame = frame_of(model)
+        activation = model.config.render.density_activation
         bar = tqdm(total=samples, desc="surfaces", unit="obj", disable=not progress)
-        for start in range(0, samples, batch):
-            chunk = seeds[start:start + batch]
-            gens = [torch.Generator().manual_seed(s) for s in chunk]
-            sets.append(model_surface_points(model, z[start:start + len(chunk)], scfg, gens, decoder))
-            bar.update(len(chunk))
+        grids = []
+        for i, s in enumerate(seeds):
+            grid = model.to_grid(z[i:i + 1])
+            if frame is not None:  # placed as the pipeline places it (``HoloFusionPipeline.in_frame``)
+                found = surface_frame(grid, decoder, activation, scfg.opacity_length)
+                grid = grid if found is None else place_in_frame(grid, *found, frame)
+            sets.append(surface_points(grid, decoder, activation, scfg, [torch.Generator().manual_seed(s)]))
+            grids.append(grid)
+            bar.update(1)
         bar.close()
-        sheet_rgb = _turntables(model, z[:k], sheet_views, sheet_size, framing, decoder)
+        sheet_rgb = torch.cat([_turntables(model, g, sheet_views, sheet_size, framing, decoder) for g in grids[:k]])
     else:
         from .pipeline import PRESETS
 
@@ -1039,6 +1058,8 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         if colour_map is not None:  # (only then: objects stored before colour calibration existed stay valid)
             # (not "colour_map": stores written under that name hold objects the map was not applied to)
             key["colour_map_applied"] = colour_map
+        if frame_record(model) is not None:  # likewise: objects placed in the training frame (``frame.py``)
+            key["frame"] = frame_record(model)
         store = ObjectStore(out_path.with_name(f"{out_path.stem}.objects"), key)
         sets, strips = [], []
         bar = tqdm(total=len(seeds), desc=f"{preset} preset", unit="obj", disable=not progress)
@@ -1084,7 +1105,8 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         "model": str(Path(model_path).resolve()), "data": str(root.resolve()), "category": name,
         "reference_split": split, "references": len(refs), "reference_sequences": ref_names,
         "preset": preset, "samples": n, "seed": seed, "steps": steps, "sampler": sampler,
-        "autoguidance": autoguidance, "colour_map": colour_map, "points": points,
+        "autoguidance": autoguidance, "colour_map": colour_map, "frame": frame_record(model),
+        "points": points,
         "empty_samples": n_empty, "colour_weight": w,
         "colour_weight_rule": "given (--colour-weight)" if colour_weight is not None else
                               "balanced: colour and shape differences between the references weigh the same",

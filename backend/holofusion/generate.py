@@ -239,7 +239,9 @@ def list_models(root: Path = MODELS_DIR) -> list[dict[str, Any]]:
                      "guide_weight": float(read_metadata(guide)["info"].get("weight", GUIDE_WEIGHT))
                      if guide.is_file() else None,
                      "presets": list(PRESETS) if sr.is_file() else ["draft"],
-                     "colour_maps": sorted(meta["info"].get("colour") or {}, key=_preset_order)})
+                     "colour_maps": sorted(meta["info"].get("colour") or {}, key=_preset_order),
+                     # objects moved and scaled into the frame the training objects share (frame.py)
+                     "frame": bool(meta["info"].get("frame"))})
     return rows
 
 
@@ -270,7 +272,8 @@ def format_models(rows: list[dict[str, Any]]) -> str:
         presets = ", ".join(f"{p} (4x)" if p == "high" and r.get("superres_high") else p for p in r["presets"])
         guided = f"; autoguided (w {r['guide_weight']:g})" if r.get("guide") else ""
         calibrated = f"; colours calibrated for {', '.join(r['colour_maps'])}" if r.get("colour_maps") else ""
-        lines.append(f"{r['name']:<16} {','.join(r['categories']):<32} {presets}{guided}{calibrated}")
+        placed = "; objects placed in the training frame" if r.get("frame") else ""
+        lines.append(f"{r['name']:<16} {','.join(r['categories']):<32} {presets}{guided}{calibrated}{placed}")
     return "\n".join(lines)
 
 

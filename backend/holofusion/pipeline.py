@@ -35,6 +35,7 @@ from .diffusion import SamplingCancelled
 from .distill import DistillCancelled, DistillConfig, ExplicitField, distill, start_grid, view_cameras
 from .errors import UserError
 from .evaluate import density_level, opacity_length_of
+from .frame import cameras_in_frame, frame_of, place_in_frame, surface_frame
 from .grid import VoxelGrid
 from .holodiffusion import HoloDiffusion, load_holodiffusion
 from .server.protocol import MAX_SEED
@@ -241,11 +242,30 @@ class HoloFusionPipeline:
         # The coarse field is shown in the draft preset's calibrated colours (``colour.py``); the stages below read
         # the uncalibrated ones, which their models were trained on.
         out = PipelineOutput(seed, category, name, coarse, self.coarse_decoder())
-        if not pre.superres:
+        if pre.superres:
+            out.cameras, out.views, distilled, out.distill_iterations = self.refine(coarse, seed, pre, callback)
+            cmap = self.colour_map(name, pre)
+            out.distilled = distilled if cmap is None else map_explicit_grid(distilled, cmap)
+        return self.in_frame(out)
+
+    def in_frame(self, out: PipelineOutput) -> PipelineOutput:
+        """``out`` placed in the frame the model's training objects share, where it has one (``frame.py``): the
+        final field's surface centred on it (and scaled to its spread where the frame says so), the coarse grid and
+        the view cameras moved with it, so the stages stay aligned. Measured at the model's own surface level, whatever level a mesh is
+        later cut at, so one seed always lands in one place."""
+        frame = frame_of(self.hd)
+        if frame is None:
             return out
-        out.cameras, out.views, distilled, out.distill_iterations = self.refine(coarse, seed, pre, callback)
-        cmap = self.colour_map(name, pre)
-        out.distilled = distilled if cmap is None else map_explicit_grid(distilled, cmap)
+        grid, field = out.field()
+        activation = "softplus" if out.distilled is not None else self.hd.config.render.density_activation
+        found = surface_frame(grid, field, activation, self.opacity_length())
+        if found is None:  # no surface to place; the mesh chain says so
+            return out
+        out.coarse = place_in_frame(out.coarse, *found, frame)
+        if out.distilled is not None:
+            out.distilled = place_in_frame(out.distilled, *found, frame)
+        if out.cameras is not None:
+            out.cameras = cameras_in_frame(out.cameras, *found, frame)
         return out
 
     def refine(self, coarse: VoxelGrid, seed: int, pre: Preset, callback: PipelineCallback | None = None
