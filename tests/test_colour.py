@@ -142,7 +142,8 @@ def test_calibrate_stores_the_maps_and_keeps_the_surface_with_only_colour(apple_
                              "--only", "colour", "--source", "reconstructions")
     assert code == 0, err
     info = read_metadata(model)["info"]
-    assert set(info["colour"]) == {"draft"}  # a model file alone: no super-resolution model to measure standard with
+    # a model file alone: no super-resolution model to measure standard with, so the shipped standard map is kept
+    assert set(info["colour"]) == {"draft", "standard"} and info["colour"]["standard"] == before["colour"]["standard"]
     record = info["colour"]["draft"]
     assert record["objects"] == 3 and record["source"] == "reconstructions"
     assert "colour of draft (reconstructions): logit scale" in out
