@@ -175,28 +175,17 @@ def measurable_presets(pipe, names: Sequence[str], what: str = "preset") -> dict
 
 def training_colours(model, data, objects: int | None = None, points: int = 1024, seed: int = 0) -> Tensor:
     """True colours (B, points, 3) in [0, 1] of ``objects`` training objects of a HoloDiffusion model's categories
-    (default: every training object), read off their point clouds alone: what ``calibrate_colour_on_samples``
-    matches samples to. No view is loaded, so a dataset made with few, small views serves as well."""
-    from .data.co3d import Co3dDataset
+    (default: every training object), read off their point clouds alone (``evaluate.training_point_clouds``): what
+    ``calibrate_colour_on_samples`` matches samples to. No view is loaded, so a dataset made with few, small views
+    serves as well."""
     from .errors import UserError
-    from .evaluate import training_categories
+    from .evaluate import training_categories, training_point_clouds
 
-    cats = training_categories(model)
-    ds = Co3dDataset(data, cats, subset="fewview_dev", split="train", image_size=None)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(ds.sequences), generator=gen).tolist()
-    out = []
-    for i in order:
-        _, c = ds.point_cloud(*ds.sequences[i])
-        if c is None or not len(c):
-            continue
-        out.append(torch.from_numpy(c).float()[torch.randint(0, len(c), (points,), generator=gen)] / 255.0)
-        if objects is not None and len(out) == objects:
-            break
-    if not out:
-        raise UserError(f"--data {str(data)!r}: no training point cloud of {', '.join(cats)} with colours to "
-                        "calibrate on")
-    return torch.stack(out)
+    _, colours = training_point_clouds(model, data, objects, points, seed, coloured=True)
+    if colours is None:
+        raise UserError(f"--data {str(data)!r}: no training point cloud of {', '.join(training_categories(model))} "
+                        "with colours to calibrate on")
+    return colours
 
 
 def _surface_colours(pipe, grid: VoxelGrid, seed: int, pre, scfg) -> Tensor | None:

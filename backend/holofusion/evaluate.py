@@ -378,6 +378,32 @@ def training_categories(model, categories: Sequence[str] | None = None) -> list[
     return cats
 
 
+def training_point_clouds(model, data: str | Path, objects: int | None = None, points: int = 1024, seed: int = 0,
+                          coloured: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``objects`` training objects of a HoloDiffusion model's categories (default: every one), in an order drawn
+    from ``seed``, read off their point clouds alone, each subsampled to ``points`` points: ((B, points, 3) world
+    positions, (B, points, 3) colours in [0, 1], or None where some cloud has none). With ``coloured``, clouds
+    without colours are skipped. No view is loaded, so a dataset made with few, small views serves as well."""
+    from .data.co3d import Co3dDataset
+
+    ds = Co3dDataset(data, training_categories(model), subset="fewview_dev", split="train", image_size=None)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(ds.sequences), generator=gen).tolist()
+    pts, cols = [], []
+    for i in order:
+        p, c = ds.point_cloud(*ds.sequences[i])
+        if not len(p) or (coloured and c is None):
+            continue
+        pick = torch.randint(0, len(p), (points,), generator=gen)
+        pts.append(torch.from_numpy(p).float()[pick])
+        cols.append(None if c is None else torch.from_numpy(c).float()[pick] / 255.0)
+        if objects is not None and len(pts) == objects:
+            break
+    if not pts:
+        return torch.zeros(0, points, 3), None
+    return torch.stack(pts), None if any(c is None for c in cols) else torch.stack(cols)
+
+
 def training_reconstructions(model, data: str | Path, objects: int = 16, points: int = 1024, seed: int = 0,
                              progress: bool = True, categories: Sequence[str] | None = None,
                              image_size: int | None = None, n_source: int | None = None

@@ -88,25 +88,12 @@ def training_frame(model, data: str | Path, objects: int | None = None, points: 
     read): the record kept in the model's info under ``"frame"``. Raises ``UserError`` where the objects' spreads
     vary by more than ``SPREAD_TOLERANCE``: they were not normalised to one frame, and moving every generated object
     into their mean one would erase sizes the data hold."""
-    from .data.co3d import Co3dDataset
-    from .evaluate import training_categories
+    from .evaluate import training_categories, training_point_clouds
 
-    cats = training_categories(model)
-    ds = Co3dDataset(data, cats, subset="fewview_dev", split="train", image_size=None)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(ds.sequences), generator=gen).tolist()
-    clouds = []
-    for i in order:
-        p, _ = ds.point_cloud(*ds.sequences[i])
-        if not len(p):
-            continue
-        clouds.append(torch.from_numpy(p).double()[torch.randint(0, len(p), (points,), generator=gen)])
-        if objects is not None and len(clouds) == objects:
-            break
-    if len(clouds) < 2:
+    p = training_point_clouds(model, data, objects, points, seed)[0].double()
+    if len(p) < 2:
         raise UserError(f"--data {str(data)!r}: the frame needs the point clouds of at least 2 training objects of "
-                        f"{', '.join(cats)}; found {len(clouds)}")
-    p = torch.stack(clouds)
+                        f"{', '.join(training_categories(model))}; found {len(p)}")
     centres, spreads = p.mean(1), spread_of(p)
     variation = float(spreads.std() / spreads.mean())
     if variation > SPREAD_TOLERANCE:
