@@ -46,7 +46,7 @@ def test_a_placed_ball_lands_on_the_frame_with_its_field_untouched():
     # a sphere's surface: centred on its centre, per-axis variance r^2 / 3
     assert centre.tolist() == pytest.approx([0.3, -0.4, 0.2], abs=0.01)
     assert spread == pytest.approx(1.5 / math.sqrt(3), rel=0.01)
-    frame = ObjectFrame((0.1, 0.0, -0.2), 1.0)
+    frame = ObjectFrame((0.1, 0.0, -0.2), 1.0, scale=True)
     placed = place_in_frame(grid, centre, spread, frame)
     assert placed.features is grid.features  # a change of box: nothing is resampled or copied
     c2, s2 = surface_frame(placed, ExplicitField(), "softplus", 1.0, lattice=80)
@@ -74,7 +74,7 @@ def test_cameras_moved_with_the_world_see_the_same_image():
     gen = torch.Generator().manual_seed(0)
     world = torch.randn(20, 3, generator=gen)
     centre, spread = torch.tensor([0.4, -0.3, 0.1], dtype=torch.float64), 1.3
-    frame = ObjectFrame((0.2, 0.1, -0.1), 0.9)
+    frame = ObjectFrame((0.2, 0.1, -0.1), 0.9, scale=True)
     moved = torch.tensor(frame.centre) + (world - centre.float()) * (frame.spread / spread)
     before = cams.project(world)
     after = cameras_in_frame(cams, centre, spread, frame).project(moved)

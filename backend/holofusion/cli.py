@@ -279,7 +279,7 @@ def _cmd_calibrate(args) -> int:
     state, meta = load_weights(path)
     info = dict(meta["info"])
     recon = None
-    if do_frame:  # first: it reads point clouds alone, and the colour samples below are placed in it
+    if do_frame:  # first: it reads point clouds alone, so data it refuses are told of in seconds
         try:
             frame = {**training_frame(pipe.hd, args.data, args.objects), "scale": args.frame_scale}
         except UserError as e:

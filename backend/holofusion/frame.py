@@ -39,8 +39,9 @@ __all__ = ["ObjectFrame", "frame_of", "frame_record", "spread_of", "training_fra
 
 SPREAD_TOLERANCE = 0.02
 """Largest coefficient of variation of the training objects' spreads for which they count as normalised to one
-frame. The procedural categories' point clouds vary by about 0.5 % (1,024 points each); objects in their own sizes
-vary by tens of per cent."""
+frame. The procedural categories' point clouds vary by 0.2 to 0.6 % (4,096 points each); objects in their own
+sizes vary by tens of per cent."""
+
 
 @dataclass(frozen=True)
 class ObjectFrame:
@@ -48,8 +49,9 @@ class ObjectFrame:
 
     centre: tuple[float, float, float] = (0.0, 0.0, 0.0)
     spread: float = 1.0
-    scale: bool = True
-    """Scale objects to ``spread`` as well as centring them (False: centre only, keep the model's sizes)."""
+    scale: bool = False
+    """Scale objects to ``spread`` as well as centring them (False, the default: centre only, keep the model's
+    sizes; module docstring)."""
 
     def factor(self, spread: float) -> float:
         """The uniform scale that takes an object of ``spread`` into this frame."""
@@ -74,7 +76,7 @@ def frame_of(model) -> ObjectFrame | None:
     if rec is None:
         return None
     return ObjectFrame(tuple(float(v) for v in rec["centre"]), float(rec["spread"]),  # type: ignore[arg-type]
-                       bool(rec.get("scale", True)))
+                       bool(rec.get("scale", False)))
 
 
 def spread_of(points: Tensor) -> Tensor:
