@@ -171,8 +171,8 @@ def test_calibrate_stores_the_frame_and_the_pipeline_places_every_object_in_it(a
     from holofusion.generate import format_models, list_models
 
     rows = list_models(folder.parent)
-    assert [r["frame"] for r in rows] == [True]
-    assert "objects placed in the training frame" in format_models(rows)
+    assert [r["frame"] for r in rows] == [["draft", "standard", "high"]]  # a record naming no preset: every one
+    assert "objects placed in the training frame (draft, standard, high)" in format_models(rows)
 
 
 def test_evaluate_measures_draft_objects_in_the_frame(apple_with_frame, tiny_models, tmp_path, one_thread):
@@ -197,3 +197,38 @@ def test_evaluate_measures_draft_objects_in_the_frame(apple_with_frame, tiny_mod
     assert plain["frame"] is None
     assert plain["geometry"]["mmd"] != report["geometry"]["mmd"]
     assert np.isfinite(report["geometry"]["mmd"])
+
+
+def test_a_frame_can_be_kept_to_the_presets_it_helps(apple_with_frame, tiny_models, capsys, one_thread):
+    from holofusion.generate import format_models, list_models
+
+    folder = apple_with_frame
+    model_file = folder / "holodiffusion.safetensors"
+    before = model_file.read_bytes()
+    for bad, said in (("standard,fast", "unknown preset 'fast'; choose from draft, standard, high"),
+                      (" , ", "no preset named; choose from")):
+        code, _, err = run_cli(capsys, "calibrate", "--model", folder, "--data", tiny_models["data"], "--only",
+                               "frame", "--frame-presets", bad)
+        assert code == 2 and said in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "calibrate", "--model", folder, "--data", tiny_models["data"], "--only", "surface",
+                           "--frame-presets", "draft")
+    assert code == 2 and "--frame-presets sets how the object frame is used" in err
+    assert model_file.read_bytes() == before  # refused before anything was written
+
+    code, out, err = run_cli(capsys, "calibrate", "--model", folder, "--data", tiny_models["data"], "--only", "frame",
+                             "--frame-presets", "high,standard,high")
+    assert code == 0, err
+    assert "centred on it under standard, high" in out
+    rec = read_metadata(model_file)["info"]["frame"]
+    assert rec["presets"] == ["standard", "high"]  # the presets' own order, once each
+    pipe = HoloFusionPipeline.from_pretrained(str(folder))
+    assert frame_of(pipe.hd) is not None and frame_of(pipe.hd, "draft") is None
+    assert frame_of(pipe.hd, "standard") == frame_of(pipe.hd)
+    plain = pipe.hd.info.pop("frame")
+    unplaced = pipe(3, preset="draft").field()[0]
+    pipe.hd.info["frame"] = plain
+    kept = pipe(3, preset="draft").field()[0]  # draft is not one of the frame's presets: left where it was made
+    assert (kept.box_min, kept.box_max) == (unplaced.box_min, unplaced.box_max)
+    rows = list_models(folder.parent)
+    assert rows[0]["frame"] == ["standard", "high"]
+    assert "objects placed in the training frame (standard, high)" in format_models(rows)

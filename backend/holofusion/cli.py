@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import DEFAULT_MODEL, __version__
 from .errors import UserError
@@ -236,6 +237,9 @@ def _add_calibrate(sub) -> None:
                    help="with the frame: scale each generated object to the training objects' spread as well as "
                         "centring it (default: centre only; a model whose samples miss the data's surface detail "
                         "can come out closer to real objects at its own size)")
+    p.add_argument("--frame-presets", default=None,
+                   help="with the frame: comma-separated presets whose objects it places (default: every preset; "
+                        "a preset whose stages already put objects where the data have them can do worse moved)")
     p.add_argument("--presets", default=None,
                    help="comma-separated presets to measure colour maps for (default: draft, and standard where "
                         "the folder has a super-resolution model)")
@@ -256,7 +260,7 @@ def _cmd_calibrate(args) -> int:
     from .colour import calibrate_colour, calibrate_colour_on_samples, measurable_presets, training_colours
     from .evaluate import _load_model, calibrate_surface, model_file, training_reconstructions
     from .frame import training_frame
-    from .pipeline import MAX_SEED, HoloFusionPipeline
+    from .pipeline import MAX_SEED, PRESETS, HoloFusionPipeline
     from .weights import load_weights, save_weights
 
     path = model_file(args.model)
@@ -269,9 +273,19 @@ def _cmd_calibrate(args) -> int:
         names = [x.strip() for x in args.presets.split(",") if x.strip()]
     presets = measurable_presets(pipe, names, "--presets")  # before the slow part
     do_surface, do_colour, do_frame = (args.only in (None, which) for which in ("surface", "colour", "frame"))
-    if args.frame_scale and not do_frame:
-        raise UserError(f"--frame-scale sets how the object frame is used, and --only {args.only} does not measure "
-                        "one; drop one of them")
+    for flag, given in (("--frame-scale", args.frame_scale), ("--frame-presets", args.frame_presets is not None)):
+        if given and not do_frame:
+            raise UserError(f"{flag} sets how the object frame is used, and --only {args.only} does not measure "
+                            "one; drop one of them")
+    frame_use: dict[str, Any] = {"scale": args.frame_scale}
+    if args.frame_presets is not None:
+        chosen = [x.strip() for x in args.frame_presets.split(",") if x.strip()]
+        unknown = [x for x in chosen if x not in PRESETS]
+        if unknown or not chosen:
+            raise UserError(f"--frame-presets {args.frame_presets!r}: "
+                            f"{'unknown preset ' + repr(unknown[0]) if unknown else 'no preset named'}; "
+                            f"choose from {', '.join(PRESETS)}")
+        frame_use["presets"] = [x for x in PRESETS if x in chosen]  # in the presets' own order, once each
     from_samples = do_colour and args.source == "samples"
     if from_samples and not 0 <= args.seed <= args.seed + args.samples - 1 <= MAX_SEED:
         raise UserError(f"--seed {args.seed} with --samples {args.samples}: seeds are whole numbers from 0 to "
@@ -281,7 +295,7 @@ def _cmd_calibrate(args) -> int:
     recon = None
     if do_frame:  # first: it reads point clouds alone, so data it refuses are told of in seconds
         try:
-            frame = {**training_frame(pipe.hd, args.data, args.objects), "scale": args.frame_scale}
+            frame = {**training_frame(pipe.hd, args.data, args.objects), **frame_use}
         except UserError as e:
             if args.only == "frame":
                 raise
@@ -292,7 +306,8 @@ def _cmd_calibrate(args) -> int:
             info["frame"] = frame
             print(f"object frame: centre {frame['centre']}, spread {frame['spread']} (varies by "
                   f"{frame['spread_variation']:.2%} over {frame['objects']} training objects); generated objects "
-                  f"are {'centred and scaled to it' if frame['scale'] else 'centred on it'}")
+                  f"are {'centred and scaled to it' if frame['scale'] else 'centred on it'}"
+                  f"{' under ' + ', '.join(frame['presets']) if 'presets' in frame else ''}")
         pipe.hd.info = {**pipe.hd.info, "frame": frame}
     if do_surface or (do_colour and not from_samples):
         recon = training_reconstructions(pipe.hd, args.data, args.objects or 16)

@@ -1053,7 +1053,7 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
             zs.append(model.denormalize(x))
         bar.close()
         z = torch.cat(zs)
-        frame = frame_of(model)
+        frame = frame_of(model, "draft")
         activation = model.config.render.density_activation
         bar = tqdm(total=samples, desc="surfaces", unit="obj", disable=not progress)
         grids = []
@@ -1084,8 +1084,8 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         if colour_map is not None:  # (only then: objects stored before colour calibration existed stay valid)
             # (not "colour_map": stores written under that name hold objects the map was not applied to)
             key["colour_map_applied"] = colour_map
-        if frame_record(model) is not None:  # likewise: objects placed in the training frame (``frame.py``)
-            key["frame"] = frame_record(model)
+        if frame_record(model, preset) is not None:  # likewise: objects placed in the training frame (frame.py)
+            key["frame"] = frame_record(model, preset)
         store = ObjectStore(out_path.with_name(f"{out_path.stem}.objects"), key)
         sets, strips = [], []
         bar = tqdm(total=len(seeds), desc=f"{preset} preset", unit="obj", disable=not progress)
@@ -1131,7 +1131,7 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         "model": str(Path(model_path).resolve()), "data": str(root.resolve()), "category": name,
         "reference_split": split, "references": len(refs), "reference_sequences": ref_names,
         "preset": preset, "samples": n, "seed": seed, "steps": steps, "sampler": sampler,
-        "autoguidance": autoguidance, "colour_map": colour_map, "frame": frame_record(model),
+        "autoguidance": autoguidance, "colour_map": colour_map, "frame": frame_record(model, preset),
         "points": points,
         "empty_samples": n_empty, "colour_weight": w,
         "colour_weight_rule": "given (--colour-weight)" if colour_weight is not None else

@@ -34,7 +34,7 @@ from torch import Tensor
 from .errors import UserError
 from .grid import VoxelGrid
 
-__all__ = ["ObjectFrame", "frame_of", "frame_record", "spread_of", "training_frame", "surface_frame", "place_in_frame",
+__all__ = ["ObjectFrame", "frame_of", "frame_record", "frame_presets", "spread_of", "training_frame", "surface_frame", "place_in_frame",
            "cameras_in_frame", "SPREAD_TOLERANCE"]
 
 SPREAD_TOLERANCE = 0.02
@@ -64,15 +64,29 @@ class ObjectFrame:
             raise ValueError(f"a frame's spread must be positive and finite; got {self.spread!r}")
 
 
-def frame_record(model) -> dict[str, Any] | None:
-    """The ``"frame"`` record in a HoloDiffusion model's info (``training_frame``), or None."""
-    return (getattr(model, "info", None) or {}).get("frame") or None
+def frame_record(model, preset: str | None = None) -> dict[str, Any] | None:
+    """The ``"frame"`` record in a HoloDiffusion model's info (``training_frame``), or None; with ``preset``, None
+    also where the record names the presets it is used for (``"presets"``) and ``preset`` is not one of them."""
+    rec = (getattr(model, "info", None) or {}).get("frame") or None
+    if rec is None or preset is None or preset in frame_presets(rec):
+        return rec
+    return None
 
 
-def frame_of(model) -> ObjectFrame | None:
+def frame_presets(record: dict[str, Any]) -> tuple[str, ...]:
+    """The presets whose objects a frame record places: those it names, or every preset where it names none (as
+    records written before presets could be chosen do)."""
+    from .pipeline import PRESETS
+
+    return tuple(record.get("presets") or PRESETS)
+
+
+def frame_of(model, preset: str | None = None) -> ObjectFrame | None:
     """The frame a HoloDiffusion model's training objects share (``holofusion calibrate``), or None where it has
-    not been measured (then generated objects keep the place and size the model gave them)."""
-    rec = frame_record(model)
+    not been measured (then generated objects keep the place and size the model gave them), or, with ``preset``,
+    where it is not used for that preset: a preset whose stages undo a model's bias in place can do worse moved
+    (README, "Object frame"), so ``calibrate --frame-presets`` can name the presets it helps."""
+    rec = frame_record(model, preset)
     if rec is None:
         return None
     return ObjectFrame(tuple(float(v) for v in rec["centre"]), float(rec["spread"]),  # type: ignore[arg-type]

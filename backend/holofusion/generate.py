@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import DEFAULT_MODEL
 from .errors import UserError
+from .frame import frame_presets
 from .mesh.asset import AssetConfig, default_size, make_asset
 from .mesh.extract import MeshConfig
 from .mesh.gltf import glb_bytes, write_glb
@@ -240,8 +241,9 @@ def list_models(root: Path = MODELS_DIR) -> list[dict[str, Any]]:
                      if guide.is_file() else None,
                      "presets": list(PRESETS) if sr.is_file() else ["draft"],
                      "colour_maps": sorted(meta["info"].get("colour") or {}, key=_preset_order),
-                     # objects moved and scaled into the frame the training objects share (frame.py)
-                     "frame": bool(meta["info"].get("frame"))})
+                     # the presets whose objects are moved (and scaled) into the frame the training objects
+                     # share (frame.py); empty where the model has no frame
+                     "frame": list(frame_presets(meta["info"]["frame"])) if meta["info"].get("frame") else []})
     return rows
 
 
@@ -272,7 +274,7 @@ def format_models(rows: list[dict[str, Any]]) -> str:
         presets = ", ".join(f"{p} (4x)" if p == "high" and r.get("superres_high") else p for p in r["presets"])
         guided = f"; autoguided (w {r['guide_weight']:g})" if r.get("guide") else ""
         calibrated = f"; colours calibrated for {', '.join(r['colour_maps'])}" if r.get("colour_maps") else ""
-        placed = "; objects placed in the training frame" if r.get("frame") else ""
+        placed = f"; objects placed in the training frame ({', '.join(r['frame'])})" if r.get("frame") else ""
         lines.append(f"{r['name']:<16} {','.join(r['categories']):<32} {presets}{guided}{calibrated}{placed}")
     return "\n".join(lines)
 

@@ -251,9 +251,10 @@ class HoloFusionPipeline:
     def in_frame(self, out: PipelineOutput) -> PipelineOutput:
         """``out`` placed in the frame the model's training objects share, where it has one (``frame.py``): the
         final field's surface centred on it (and scaled to its spread where the frame says so), the coarse grid and
-        the view cameras moved with it, so the stages stay aligned. Measured at the model's own surface level, whatever level a mesh is
-        later cut at, so one seed always lands in one place."""
-        frame = frame_of(self.hd)
+        the view cameras moved with it, so the stages stay aligned. Measured at the model's own surface level,
+        whatever level a mesh is later cut at, so one seed always lands in one place. Only for the presets the frame
+        is used for (``frame.frame_presets``); a custom ``Preset`` counts as none of them."""
+        frame = frame_of(self.hd, out.preset)
         if frame is None:
             return out
         grid, field = out.field()
