@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from holofusion.errors import UserError
+from holofusion.frame import frame_of
 from holofusion.generate import GenerateJob, format_models, generate, list_models, model_for, output_paths
 from holofusion.mesh.gltf import read_glb
 from holofusion.pipeline import PRESETS, with_distill
@@ -132,9 +133,14 @@ def test_shipped_models_are_complete_and_within_the_size_budget():
     assert {r["name"]: r["colour_maps"] for r in rows} == {
         "apple": ["draft", "standard"], "donut": ["draft", "standard"], "hydrant": ["draft", "standard"],
         "teddybear": ["draft"]}
-    # Object frames (holofusion calibrate --only frame): where centring samples on it was measured to help
-    assert {r["name"] for r in rows if r["frame"]} == {"hydrant"}
-    assert any(line.startswith("hydrant") and "objects placed in the training frame" in line for line in listing)
+    # Object frames (holofusion calibrate --only frame), for the presets where placing samples in it was measured to
+    # help: the hydrant's (centred) in every preset, the donut's (centred and scaled) in standard only
+    assert {r["name"]: r["frame"] for r in rows if r["frame"]} == {"hydrant": ["draft", "standard", "high"],
+                                                                   "donut": ["standard"]}
+    assert any(line.startswith("donut") and "objects placed in the training frame (standard)" in line
+               for line in listing)
+    donut = load_holodiffusion(str(MODELS_DIR / "donut" / "holodiffusion.safetensors"))
+    assert donut.info["frame"]["scale"] is True and frame_of(donut, "draft") is None
 
 
 def test_the_listing_names_the_presets_with_colour_maps(tiny_models, tmp_path):
