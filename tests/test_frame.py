@@ -14,8 +14,8 @@ from holofusion.cameras import PerspectiveCamera
 from holofusion.cli import main
 from holofusion.distill import ExplicitField
 from holofusion.errors import UserError
-from holofusion.frame import (ObjectFrame, cameras_in_frame, frame_of, place_in_frame, spread_of, surface_frame,
-                              training_frame)
+from holofusion.frame import (ObjectFrame, box_centre, cameras_in_frame, frame_of, place_in_frame, spread_of,
+                              surface_frame, training_frame)
 from holofusion.grid import VoxelGrid
 from holofusion.holodiffusion import load_holodiffusion
 from holofusion.pipeline import MODELS_DIR, HoloFusionPipeline
@@ -59,6 +59,38 @@ def test_a_placed_ball_lands_on_the_frame_with_its_field_untouched():
     assert [b - a for a, b in zip(centred.box_min, centred.box_max)] == pytest.approx([6.0] * 3)
     c3, s3 = surface_frame(centred, ExplicitField(), "softplus", 1.0, lattice=80)
     assert c3.tolist() == pytest.approx([0.1, 0.0, -0.2], abs=0.01) and s3 == pytest.approx(spread, rel=0.01)
+
+
+def test_the_box_centre_is_the_midpoint_of_the_quantiles_and_ignores_what_lies_inside():
+    # 1,000 points evenly on [0, 1] per axis, then 15 (1.5 %) far out on +x: the 2 % quantiles do not reach them
+    lin = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
+    p = torch.stack([lin, 2 * lin, lin - 3], dim=1)
+    assert box_centre(p).tolist() == pytest.approx([0.5, 1.0, -2.5], abs=2e-3)
+    far = torch.cat([p, torch.tensor([[9.0, 1.0, -2.5]] * 15, dtype=torch.float64)])
+    assert box_centre(far).tolist() == pytest.approx([0.5, 1.0, -2.5], abs=0.02)
+    assert far.mean(0)[0].item() > 0.6  # where the centroid went
+    # weights count as many points: the lower half weighing 3 times as much moves both quantiles down
+    w = torch.where(p[:, 0] < 0.5, 3.0, 1.0).double()
+    assert box_centre(p, w)[0].item() == pytest.approx((0.02 * 4 / 6 + (1 - 0.02 * 4 / 2)) / 2, abs=2e-3)
+
+
+def test_a_hollow_inside_moves_the_centroid_and_not_the_box_centre():
+    # a ball of radius 1 with a spherical hollow of radius 0.3 at (0, 0.4, 0): the hollow's wall is surface too,
+    # 9 % of the outer area, which pulls the centroid up by 0.09 * 0.4 / 1.09; the extent stays the ball's
+    size, box = 64, 1.5
+    lin = (torch.arange(size) + 0.5) / size * 2 * box - box
+    z, y, x = torch.meshgrid(lin, lin, lin, indexing="ij")
+    outer = 1.0 - (x ** 2 + y ** 2 + z ** 2).sqrt()
+    hollow = (x ** 2 + (y - 0.4) ** 2 + z ** 2).sqrt() - 0.3
+    raw = 20.0 * torch.minimum(outer, hollow)
+    grid = VoxelGrid(torch.cat([raw[None], torch.zeros(3, size, size, size)])[None], (-box,) * 3, (box,) * 3)
+    centroid, spread = surface_frame(grid, ExplicitField(), "softplus", 1.0, lattice=96)
+    middle, spread2 = surface_frame(grid, ExplicitField(), "softplus", 1.0, lattice=96, rule="box")
+    assert centroid[1].item() == pytest.approx(0.09 * 0.4 / 1.09, abs=0.008)
+    assert middle.tolist() == pytest.approx([0.0, 0.0, 0.0], abs=0.01)
+    assert spread2 == spread  # the spread is about the centroid whatever the rule
+    with pytest.raises(ValueError, match="centre rule"):
+        ObjectFrame(rule="median")
 
 
 def test_an_empty_grid_has_no_frame_to_measure():
@@ -232,3 +264,21 @@ def test_a_frame_can_be_kept_to_the_presets_it_helps(apple_with_frame, tiny_mode
     rows = list_models(folder.parent)
     assert rows[0]["frame"] == ["standard", "high"]
     assert "objects placed in the training frame (standard, high)" in format_models(rows)
+
+    # the centre read off each object's extent instead: its box midpoint lands on the training objects' mean one
+    code, _, err = run_cli(capsys, "calibrate", "--model", folder, "--data", tiny_models["data"], "--only", "colour",
+                           "--frame-centre", "box")
+    assert code == 2 and "--frame-centre sets how the object frame is used" in err
+    code, out, err = run_cli(capsys, "calibrate", "--model", folder, "--data", tiny_models["data"], "--only", "frame",
+                             "--frame-centre", "box", "--frame-presets", "draft")
+    assert code == 0, err
+    assert "centred on it by the midpoint of their extent under draft" in out
+    rec = read_metadata(model_file)["info"]["frame"]
+    assert rec["centre_rule"] == "box" and rec["presets"] == ["draft"]
+    pipe = HoloFusionPipeline.from_pretrained(str(folder))
+    frame = frame_of(pipe.hd, "draft")
+    assert frame.rule == "box"
+    grid, field = pipe(3, preset="draft").field()
+    middle, _ = surface_frame(grid, field, pipe.hd.config.render.density_activation, pipe.opacity_length(),
+                              lattice=80, rule="box")
+    assert middle.tolist() == pytest.approx(list(frame.centre), abs=0.04)

@@ -237,6 +237,10 @@ def _add_calibrate(sub) -> None:
                    help="with the frame: scale each generated object to the training objects' spread as well as "
                         "centring it (default: centre only; a model whose samples miss the data's surface detail "
                         "can come out closer to real objects at its own size)")
+    p.add_argument("--frame-centre", choices=("centroid", "box"), default=None,
+                   help="with the frame: which centre of an object is placed on the training objects' (default: "
+                        "centroid, the area-weighted one of its surface; box: the midpoint of its extent between "
+                        "the 2 %% and 98 %% quantiles per axis, which detail inside the object does not move)")
     p.add_argument("--frame-presets", default=None,
                    help="with the frame: comma-separated presets whose objects it places (default: every preset; "
                         "a preset whose stages already put objects where the data have them can do worse moved)")
@@ -273,7 +277,8 @@ def _cmd_calibrate(args) -> int:
         names = [x.strip() for x in args.presets.split(",") if x.strip()]
     presets = measurable_presets(pipe, names, "--presets")  # before the slow part
     do_surface, do_colour, do_frame = (args.only in (None, which) for which in ("surface", "colour", "frame"))
-    for flag, given in (("--frame-scale", args.frame_scale), ("--frame-presets", args.frame_presets is not None)):
+    for flag, given in (("--frame-scale", args.frame_scale), ("--frame-presets", args.frame_presets is not None),
+                        ("--frame-centre", args.frame_centre is not None)):
         if given and not do_frame:
             raise UserError(f"{flag} sets how the object frame is used, and --only {args.only} does not measure "
                             "one; drop one of them")
@@ -295,7 +300,8 @@ def _cmd_calibrate(args) -> int:
     recon = None
     if do_frame:  # first: it reads point clouds alone, so data it refuses are told of in seconds
         try:
-            frame = {**training_frame(pipe.hd, args.data, args.objects), **frame_use}
+            frame = {**training_frame(pipe.hd, args.data, args.objects, rule=args.frame_centre or "centroid"),
+                     **frame_use}
         except UserError as e:
             if args.only == "frame":
                 raise
@@ -307,6 +313,7 @@ def _cmd_calibrate(args) -> int:
             print(f"object frame: centre {frame['centre']}, spread {frame['spread']} (varies by "
                   f"{frame['spread_variation']:.2%} over {frame['objects']} training objects); generated objects "
                   f"are {'centred and scaled to it' if frame['scale'] else 'centred on it'}"
+                  f"{' by the midpoint of their extent' if frame.get('centre_rule') == 'box' else ''}"
                   f"{' under ' + ', '.join(frame['presets']) if 'presets' in frame else ''}")
         pipe.hd.info = {**pipe.hd.info, "frame": frame}
     if do_surface or (do_colour and not from_samples):

@@ -1060,7 +1060,7 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         for i, s in enumerate(seeds):
             grid = model.to_grid(z[i:i + 1])
             if frame is not None:  # placed as the pipeline places it (``HoloFusionPipeline.in_frame``)
-                found = surface_frame(grid, decoder, activation, scfg.opacity_length)
+                found = surface_frame(grid, decoder, activation, scfg.opacity_length, rule=frame.rule)
                 grid = grid if found is None else place_in_frame(grid, *found, frame)
             sets.append(surface_points(grid, decoder, activation, scfg, [torch.Generator().manual_seed(s)]))
             grids.append(grid)

@@ -19,6 +19,13 @@ centroid and spread are those of its whole surface, so a sample that misses the 
 carved, fog clinging under the body) has them in other places than its body, and moving or scaling it by them can
 move its body away from where real objects have theirs. Which way a model goes is measured on held-out objects
 (README, "Object frame").
+
+Where a sample's surface carries such extras, its centre can be read off its extent instead (``centre_rule``
+"box", ``calibrate --frame-centre box``): the midpoint, per axis, of the 2 % and 98 % quantiles of its surface.
+Detail inside the object's extent (a cavity carved or not) does not move it at all, and a fringe of fog only where
+it holds more than 2 % of the surface. The frame's centre is then the training objects' mean box midpoint, since
+an object that is not symmetric has the two in different places (the training apples' midpoint sits 0.10 from
+their centroid in y).
 """
 
 from __future__ import annotations
@@ -34,13 +41,19 @@ from torch import Tensor
 from .errors import UserError
 from .grid import VoxelGrid
 
-__all__ = ["ObjectFrame", "frame_of", "frame_record", "frame_presets", "spread_of", "training_frame", "surface_frame", "place_in_frame",
-           "cameras_in_frame", "SPREAD_TOLERANCE"]
+__all__ = ["ObjectFrame", "frame_of", "frame_record", "frame_presets", "spread_of", "box_centre", "training_frame",
+           "surface_frame", "place_in_frame", "cameras_in_frame", "SPREAD_TOLERANCE", "CENTRE_RULES", "BOX_QUANTILE"]
 
 SPREAD_TOLERANCE = 0.02
 """Largest coefficient of variation of the training objects' spreads for which they count as normalised to one
 frame. The procedural categories' point clouds vary by 0.2 to 0.6 % (4,096 points each); objects in their own
 sizes vary by tens of per cent."""
+
+CENTRE_RULES = ("centroid", "box")
+"""How an object's centre is read off its surface: the area-weighted centroid (the default), or the midpoint of
+its extent between the ``BOX_QUANTILE`` and 1 - ``BOX_QUANTILE`` quantiles on each axis (module docstring)."""
+
+BOX_QUANTILE = 0.02
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,8 @@ class ObjectFrame:
     scale: bool = False
     """Scale objects to ``spread`` as well as centring them (False, the default: centre only, keep the model's
     sizes; module docstring)."""
+    rule: str = "centroid"
+    """Which centre of an object lands on ``centre`` (``CENTRE_RULES``); ``centre`` was measured the same way."""
 
     def factor(self, spread: float) -> float:
         """The uniform scale that takes an object of ``spread`` into this frame."""
@@ -62,6 +77,8 @@ class ObjectFrame:
             raise ValueError(f"a frame's centre is 3 finite numbers; got {self.centre!r}")
         if not (math.isfinite(self.spread) and self.spread > 0):
             raise ValueError(f"a frame's spread must be positive and finite; got {self.spread!r}")
+        if self.rule not in CENTRE_RULES:
+            raise ValueError(f"a frame's centre rule is one of {', '.join(CENTRE_RULES)}; got {self.rule!r}")
 
 
 def frame_record(model, preset: str | None = None) -> dict[str, Any] | None:
@@ -90,7 +107,7 @@ def frame_of(model, preset: str | None = None) -> ObjectFrame | None:
     if rec is None:
         return None
     return ObjectFrame(tuple(float(v) for v in rec["centre"]), float(rec["spread"]),  # type: ignore[arg-type]
-                       bool(rec.get("scale", False)))
+                       bool(rec.get("scale", False)), str(rec.get("centre_rule", "centroid")))
 
 
 def spread_of(points: Tensor) -> Tensor:
@@ -98,8 +115,22 @@ def spread_of(points: Tensor) -> Tensor:
     return points.double().var(dim=1, unbiased=False).mean(-1).sqrt().to(points.dtype)
 
 
+def box_centre(points: Tensor, weights: Tensor | None = None, q: float = BOX_QUANTILE) -> Tensor:
+    """(N, 3) -> (3,): per axis, the midpoint of the ``q`` and 1 - ``q`` quantiles of ``points``, each counted with
+    its weight (``weights`` (N,), e.g. the area a lattice crossing stands for; None: all alike)."""
+    w = torch.ones(len(points), dtype=torch.float64) if weights is None else weights.double()
+    cdf_at = torch.tensor([q, 1.0 - q], dtype=torch.float64) * w.sum()
+    mids = []
+    for axis in range(3):
+        v, order = points[:, axis].double().sort()
+        cdf = w[order].cumsum(0)
+        lo, hi = v[torch.searchsorted(cdf, cdf_at).clamp(max=len(v) - 1)]
+        mids.append((lo + hi) / 2)
+    return torch.stack(mids)
+
+
 def training_frame(model, data: str | Path, objects: int | None = None, points: int = 4096,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, rule: str = "centroid") -> dict[str, Any]:
     """The frame of a HoloDiffusion model's training objects, measured on their point clouds alone (no view is
     read): the record kept in the model's info under ``"frame"``. Raises ``UserError`` where the objects' spreads
     vary by more than ``SPREAD_TOLERANCE``: they were not normalised to one frame, and moving every generated object
@@ -110,24 +141,32 @@ def training_frame(model, data: str | Path, objects: int | None = None, points: 
     if len(p) < 2:
         raise UserError(f"--data {str(data)!r}: the frame needs the point clouds of at least 2 training objects of "
                         f"{', '.join(training_categories(model))}; found {len(p)}")
-    centres, spreads = p.mean(1), spread_of(p)
+    if rule not in CENTRE_RULES:
+        raise ValueError(f"rule must be one of {', '.join(CENTRE_RULES)}; got {rule!r}")
+    centres = p.mean(1) if rule == "centroid" else torch.stack([box_centre(x) for x in p])
+    spreads = spread_of(p)
     variation = float(spreads.std() / spreads.mean())
     if variation > SPREAD_TOLERANCE:
         raise UserError(f"--data {str(data)!r}: the training objects' spreads vary by {variation:.1%} (coefficient of "
                         f"variation over {len(p)} objects; at most {SPREAD_TOLERANCE:.0%} counts as one frame): their "
                         "worlds were not normalised to one size, so generated objects keep the sizes the model gives "
                         "them and no frame is written")
-    return {"centre": [round(float(v), 6) for v in centres.mean(0)], "spread": round(float(spreads.mean()), 6),
+    rec = {"centre": [round(float(v), 6) for v in centres.mean(0)], "spread": round(float(spreads.mean()), 6),
             "spread_variation": round(variation, 6),
             "centre_deviation": round(float((centres - centres.mean(0)).norm(dim=-1).mean()), 6),
             "objects": len(p), "points": points, "split": "train", "data": str(Path(data).resolve())}
+    if rule != "centroid":  # (only then: records written before there was a choice read as centroids)
+        rec["centre_rule"] = rule
+    return rec
 
 
 def surface_frame(grid: VoxelGrid, decoder, activation: str, opacity_length: float,
-                  lattice: int = 64) -> tuple[Tensor, float] | None:
+                  lattice: int = 64, rule: str = "centroid") -> tuple[Tensor, float] | None:
     """(centre (3,), spread) of a one-object grid's surface at ``opacity_length``, floaters dropped as in meshes and
     measurements: the area-weighted moments of every crossing of the level on the ``lattice``^3 lattice of the
-    evaluation's surfaces (``evaluate.level_set_crossings``), so no random draw; None where it has no surface."""
+    evaluation's surfaces (``evaluate.level_set_crossings``), so no random draw; None where it has no surface. The
+    centre by ``rule`` (``CENTRE_RULES``: the centroid, or the weighted ``box_centre``); the spread is always about
+    the centroid, as the training objects' is."""
     from .evaluate import SurfaceConfig, density_lattice, density_level, drop_floaters, level_set_crossings
 
     level = density_level(opacity_length)
@@ -141,6 +180,8 @@ def surface_frame(grid: VoxelGrid, decoder, activation: str, opacity_length: flo
     w = w / w.sum()
     centre = (w[:, None] * p).sum(0)
     variance = (w[:, None] * (p - centre).square()).sum(0)
+    if rule == "box":
+        centre = box_centre(p, w)
     return centre, float(variance.mean().sqrt())
 
 

@@ -259,7 +259,7 @@ class HoloFusionPipeline:
             return out
         grid, field = out.field()
         activation = "softplus" if out.distilled is not None else self.hd.config.render.density_activation
-        found = surface_frame(grid, field, activation, self.opacity_length())
+        found = surface_frame(grid, field, activation, self.opacity_length(), rule=frame.rule)
         if found is None:  # no surface to place; the mesh chain says so
             return out
         out.coarse = place_in_frame(out.coarse, *found, frame)
