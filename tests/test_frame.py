@@ -168,12 +168,23 @@ def test_objects_of_many_sizes_get_no_frame(tiny_models, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def apple_with_frame(tmp_path_factory):
-    """A copy of the shipped apple folder (draft only: its HoloDiffusion model and guide) and the tiny apple set."""
+    """A copy of the shipped apple folder (draft only: its HoloDiffusion model and guide) without the frame the
+    shipped file carries, so that the tests measure one from nothing."""
+    from holofusion.weights import load_weights, save_weights
+
     folder = tmp_path_factory.mktemp("apple_frame") / "apple"
     folder.mkdir()
     for name in ("holodiffusion.safetensors", "guide.safetensors"):
         shutil.copyfile(MODELS_DIR / "apple" / name, folder / name)
+    _drop_frame(folder / "holodiffusion.safetensors")
     return folder
+
+
+def _drop_frame(path) -> None:
+    from holofusion.weights import load_weights, save_weights
+
+    state, meta = load_weights(path)
+    save_weights(path, state, meta["kind"], meta["config"], {k: v for k, v in meta["info"].items() if k != "frame"})
 
 
 def test_calibrate_stores_the_frame_and_the_pipeline_places_every_object_in_it(apple_with_frame, tiny_models,
@@ -219,11 +230,7 @@ def test_evaluate_measures_draft_objects_in_the_frame(apple_with_frame, tiny_mod
     assert report["frame"] == rec
     # the same objects unplaced (the frame removed) score differently: the placement reached the measurement
     shutil.copytree(folder, tmp_path / "plain")
-    from holofusion.weights import load_weights, save_weights
-
-    state, meta = load_weights(tmp_path / "plain" / "holodiffusion.safetensors")
-    info = {k: v for k, v in meta["info"].items() if k != "frame"}
-    save_weights(tmp_path / "plain" / "holodiffusion.safetensors", state, meta["kind"], meta["config"], info)
+    _drop_frame(tmp_path / "plain" / "holodiffusion.safetensors")
     plain, _, _ = evaluate_model(str(tmp_path / "plain"), str(tiny_models["data"]), "apple", out=tmp_path / "b.json",
                                  **args)
     assert plain["frame"] is None

@@ -134,13 +134,16 @@ def test_shipped_models_are_complete_and_within_the_size_budget():
         "apple": ["draft", "standard"], "donut": ["draft", "standard"], "hydrant": ["draft", "standard"],
         "teddybear": ["draft"]}
     # Object frames (holofusion calibrate --only frame), for the presets where placing samples in it was measured to
-    # help: the hydrant's (centred) in every preset, the donut's (centred and scaled) in standard only
+    # help: the hydrant's (centred) in every preset, the donut's (centred and scaled) and the apple's (centred by
+    # its extent) in standard only
     assert {r["name"]: r["frame"] for r in rows if r["frame"]} == {"hydrant": ["draft", "standard", "high"],
-                                                                   "donut": ["standard"]}
+                                                                   "donut": ["standard"], "apple": ["standard"]}
     assert any(line.startswith("donut") and "objects placed in the training frame (standard)" in line
                for line in listing)
     donut = load_holodiffusion(str(MODELS_DIR / "donut" / "holodiffusion.safetensors"))
     assert donut.info["frame"]["scale"] is True and frame_of(donut, "draft") is None
+    apple = load_holodiffusion(str(MODELS_DIR / "apple" / "holodiffusion.safetensors"))
+    assert frame_of(apple, "standard").rule == "box" and frame_of(apple, "draft") is None
 
 
 def test_the_listing_names_the_presets_with_colour_maps(tiny_models, tmp_path):
