@@ -202,6 +202,7 @@ def test_calibrate_stores_the_frame_and_the_pipeline_places_every_object_in_it(a
     assert "colour" in info and "surface" in info  # only the frame was measured; the rest is kept
     pipe = HoloFusionPipeline.from_pretrained(str(folder))
     frame = frame_of(pipe.hd)
+    assert frame_of(pipe.hd, "custom") == frame  # a record naming no preset places every object
     out1 = pipe(3, preset="draft")
     grid, field = out1.field()
     assert torch.equal(grid.features, before.features)  # the same field, ...
@@ -262,6 +263,7 @@ def test_a_frame_can_be_kept_to_the_presets_it_helps(apple_with_frame, tiny_mode
     assert rec["presets"] == ["standard", "high"]  # the presets' own order, once each
     pipe = HoloFusionPipeline.from_pretrained(str(folder))
     assert frame_of(pipe.hd) is not None and frame_of(pipe.hd, "draft") is None
+    assert frame_of(pipe.hd, "custom") is None  # a custom preset is none of those named
     assert frame_of(pipe.hd, "standard") == frame_of(pipe.hd)
     plain = pipe.hd.info.pop("frame")
     unplaced = pipe(3, preset="draft").field()[0]

@@ -85,8 +85,8 @@ def frame_record(model, preset: str | None = None) -> dict[str, Any] | None:
     """The ``"frame"`` record in a HoloDiffusion model's info (``training_frame``), or None; with ``preset``, None
     also where the record names the presets it is used for (``"presets"``) and ``preset`` is not one of them."""
     rec = (getattr(model, "info", None) or {}).get("frame") or None
-    if rec is None or preset is None or preset in frame_presets(rec):
-        return rec
+    if rec is None or preset is None or not rec.get("presets") or preset in rec["presets"]:
+        return rec  # (a record naming no preset places every object, a custom preset's too)
     return None
 
 
@@ -152,9 +152,9 @@ def training_frame(model, data: str | Path, objects: int | None = None, points: 
                         "worlds were not normalised to one size, so generated objects keep the sizes the model gives "
                         "them and no frame is written")
     rec = {"centre": [round(float(v), 6) for v in centres.mean(0)], "spread": round(float(spreads.mean()), 6),
-            "spread_variation": round(variation, 6),
-            "centre_deviation": round(float((centres - centres.mean(0)).norm(dim=-1).mean()), 6),
-            "objects": len(p), "points": points, "split": "train", "data": str(Path(data).resolve())}
+           "spread_variation": round(variation, 6),
+           "centre_deviation": round(float((centres - centres.mean(0)).norm(dim=-1).mean()), 6),
+           "objects": len(p), "points": points, "split": "train", "data": str(Path(data).resolve())}
     if rule != "centroid":  # (only then: records written before there was a choice read as centroids)
         rec["centre_rule"] = rule
     return rec
@@ -169,6 +169,8 @@ def surface_frame(grid: VoxelGrid, decoder, activation: str, opacity_length: flo
     the centroid, as the training objects' is."""
     from .evaluate import SurfaceConfig, density_lattice, density_level, drop_floaters, level_set_crossings
 
+    if rule not in CENTRE_RULES:
+        raise ValueError(f"rule must be one of {', '.join(CENTRE_RULES)}; got {rule!r}")
     level = density_level(opacity_length)
     with torch.no_grad():
         sigma = density_lattice(grid, decoder, activation, lattice)[0].cpu()

@@ -253,7 +253,7 @@ class HoloFusionPipeline:
         final field's surface centred on it (and scaled to its spread where the frame says so), the coarse grid and
         the view cameras moved with it, so the stages stay aligned. Measured at the model's own surface level,
         whatever level a mesh is later cut at, so one seed always lands in one place. Only for the presets the frame
-        is used for (``frame.frame_presets``); a custom ``Preset`` counts as none of them."""
+        is used for (``frame.frame_presets``); a custom ``Preset`` only where the frame names none."""
         frame = frame_of(self.hd, out.preset)
         if frame is None:
             return out
