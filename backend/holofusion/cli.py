@@ -25,6 +25,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated option's names (presets, categories, models), spaces and empty entries dropped."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def _positive_int(name: str):
     def parse(text: str) -> int:
         try:
@@ -274,7 +279,7 @@ def _cmd_calibrate(args) -> int:
         pipe = HoloFusionPipeline(_load_model(args.model, args.device))
     names = ["draft"] + (["standard"] if pipe.sr is not None else [])
     if args.presets is not None:
-        names = [x.strip() for x in args.presets.split(",") if x.strip()]
+        names = _names(args.presets)
     presets = measurable_presets(pipe, names, "--presets")  # before the slow part
     do_surface, do_colour, do_frame = (args.only in (None, which) for which in ("surface", "colour", "frame"))
     for flag, given in (("--frame-scale", args.frame_scale), ("--frame-presets", args.frame_presets is not None),
@@ -284,7 +289,7 @@ def _cmd_calibrate(args) -> int:
                             "one; drop one of them")
     frame_use: dict[str, Any] = {"scale": args.frame_scale}
     if args.frame_presets is not None:
-        chosen = [x.strip() for x in args.frame_presets.split(",") if x.strip()]
+        chosen = _names(args.frame_presets)
         unknown = [x for x in chosen if x not in PRESETS]
         if unknown or not chosen:
             raise UserError(f"--frame-presets {args.frame_presets!r}: "
@@ -665,7 +670,7 @@ def _add_demo(sub) -> None:
 def _cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
-    cats = tuple(c.strip() for c in args.categories.split(",") if c.strip())
+    cats = tuple(_names(args.categories))
     facts = run_demo(DemoConfig(out=args.out, count=args.count, seed=args.seed, preset=args.preset,
                                 model=args.model, categories=cats, samples=args.samples,
                                 resolution=args.resolution, device=args.device))
@@ -720,9 +725,8 @@ def _cmd_bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
-    rows = run_bench(split(args.models) if args.models else None, split(args.presets), args.repeats, args.device,
-                     args.paper, split(args.paper_presets), args.paper_repeats)
+    rows = run_bench(_names(args.models) if args.models else None, _names(args.presets), args.repeats, args.device,
+                     args.paper, _names(args.paper_presets), args.paper_repeats)
     print(format_table(rows, args.device))
     return 0
 
