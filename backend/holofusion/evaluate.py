@@ -1036,6 +1036,7 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     seeds = list(range(seed, seed + samples))
+    placed = frame_record(model, preset)  # the frame this preset's objects are placed in, if any (frame.py)
     framing = turntable_settings(model_file(model_path))
     k = min(sheet_objects, samples)
     reused: dict[str, Any] = {}
@@ -1084,8 +1085,8 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         if colour_map is not None:  # (only then: objects stored before colour calibration existed stay valid)
             # (not "colour_map": stores written under that name hold objects the map was not applied to)
             key["colour_map_applied"] = colour_map
-        if frame_record(model, preset) is not None:  # likewise: objects placed in the training frame (frame.py)
-            key["frame"] = frame_record(model, preset)
+        if placed is not None:  # likewise: objects placed in the training frame (frame.py)
+            key["frame"] = placed
         store = ObjectStore(out_path.with_name(f"{out_path.stem}.objects"), key)
         sets, strips = [], []
         bar = tqdm(total=len(seeds), desc=f"{preset} preset", unit="obj", disable=not progress)
@@ -1131,7 +1132,7 @@ def evaluate_model(model_path: str, data: str, category: str | None, samples: in
         "model": str(Path(model_path).resolve()), "data": str(root.resolve()), "category": name,
         "reference_split": split, "references": len(refs), "reference_sequences": ref_names,
         "preset": preset, "samples": n, "seed": seed, "steps": steps, "sampler": sampler,
-        "autoguidance": autoguidance, "colour_map": colour_map, "frame": frame_record(model, preset),
+        "autoguidance": autoguidance, "colour_map": colour_map, "frame": placed,
         "points": points,
         "empty_samples": n_empty, "colour_weight": w,
         "colour_weight_rule": "given (--colour-weight)" if colour_weight is not None else
