@@ -124,16 +124,17 @@ def test_shipped_models_are_complete_and_within_the_size_budget():
     guides = {"apple": (24800, 28250, 2.0), "donut": (16400, 19400, 4.0), "hydrant": (12000, 15000, 4.0),
               "teddybear": (13000, 16200, 4.0)}
     assert {r["name"]: r["guide_weight"] for r in rows if r["guide"]} == {k: v[2] for k, v in guides.items()}
+    models = {}
     for name, (guide_step, step, weight) in guides.items():
-        model = load_holodiffusion(str(MODELS_DIR / name / "holodiffusion.safetensors"))
+        model = models[name] = load_holodiffusion(str(MODELS_DIR / name / "holodiffusion.safetensors"))
         assert (model.guide.info["step"], model.info["step"], model.guide_weight) == (guide_step, step, weight)
         assert any(line.startswith(name) and f"autoguided (w {weight:g})" in line for line in listing)
     # Colour maps (holofusion calibrate, fitted on each preset's own samples): draft and standard of every model
     # (each measured on 100 held-out objects: the MODEL_CARDs); the hydrant's and the teddybear's standard maps on
     # 64 samples, the apple's and the donut's on 16
     assert {r["name"]: r["colour_maps"] for r in rows} == {name: ["draft", "standard"] for name in guides}
-    assert {name: load_holodiffusion(str(MODELS_DIR / name / "holodiffusion.safetensors")).info["colour"]["standard"]
-            ["objects"] for name in guides} == {"apple": 16, "donut": 16, "hydrant": 64, "teddybear": 64}
+    assert {name: model.info["colour"]["standard"]["objects"] for name, model in models.items()} == {
+        "apple": 16, "donut": 16, "hydrant": 64, "teddybear": 64}
     # Object frames (holofusion calibrate --only frame), for the presets where placing samples in it was measured to
     # help: the hydrant's (centred) in every preset, the donut's (centred and scaled) and the apple's (centred by
     # its extent) in standard only
