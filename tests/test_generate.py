@@ -130,11 +130,10 @@ def test_shipped_models_are_complete_and_within_the_size_budget():
         assert (model.guide.info["step"], model.info["step"], model.guide_weight) == (guide_step, step, weight)
         assert any(line.startswith(name) and f"autoguided (w {weight:g})" in line for line in listing)
     # Colour maps (holofusion calibrate, fitted on each preset's own samples): draft and standard of every model
-    # (each measured on 100 held-out objects: the MODEL_CARDs); the hydrant's and the teddybear's standard maps on
-    # 64 samples, the apple's and the donut's on 16
+    # (each measured on 100 held-out objects: the MODEL_CARDs), every one fitted on 64 samples (16 proved too few)
     assert {r["name"]: r["colour_maps"] for r in rows} == {name: ["draft", "standard"] for name in guides}
-    assert {name: model.info["colour"]["standard"]["objects"] for name, model in models.items()} == {
-        "apple": 16, "donut": 16, "hydrant": 64, "teddybear": 64}
+    assert {(preset, record["objects"]) for model in models.values()
+            for preset, record in model.info["colour"].items()} == {("draft", 64), ("standard", 64)}
     # Object frames (holofusion calibrate --only frame), for the presets where placing samples in it was measured to
     # help: the hydrant's (centred) in every preset, the donut's (centred and scaled) and the apple's (centred by
     # its extent) in standard only
