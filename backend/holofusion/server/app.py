@@ -451,6 +451,9 @@ class Server:
                                                    "position": len(self.pending), "seeds": job.seeds}),
                     msg, job.job_id)
         self.pending.append(job)
+        # Hand it to an idle worker now, after `accepted` went out: a status request drained in the same step
+        # would otherwise report the job queued while a worker sits idle.
+        self._dispatch()
 
     def _fetch(self, identity: bytes, msg: Message) -> None:
         job_id = msg.content["job_id"]
